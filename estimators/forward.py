@@ -1,0 +1,193 @@
+"""Forward-mode hypergradients with contiguous sharing (FDS, Micaelli & Storkey 2020)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from metahpo.core import Batch, ConfigError, Hypergradient, Task
+from metahpo.device import MemoryMeter, synchronize
+from metahpo.inner import FlatTask, InnerState, train
+from metahpo.schedule import HyperSchedule
+
+HVPMode = Literal["fwd_rev", "rev_rev"]
+
+
+class ForwardMode:
+    """Exact d L_val(theta_T) / d h for every shared value h, by forward-mode differentiation.
+
+    Carries the tangents ``Z = d theta / d h`` and ``Y = d v / d h`` (one column per learned
+    shared value) alongside the inner run (docs/estimators.md has the recurrences)::
+
+        Y <- mu Y + H Z + lambda Z + [h is mu's segment] v + [h is lambda's segment] theta
+        Z <- Z - alpha Y - [h is alpha's segment] v_new
+
+    and returns ``grad L_val(theta_T) . Z_T``. Columns are ordered by the step their segment
+    starts and a column is exactly zero before then, so step t only updates the prefix of
+    columns that have started.
+
+    Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
+    reproduce the clamps of the paper's code and make the result inexact.
+    Memory: ``2 C P`` numbers for C learned shared values and P parameters, constant in the
+    horizon T, plus the activations of one batched Hessian-vector product (``chunk_size``
+    columns at a time bounds it).
+    Compute: per step one gradient plus one Hessian-vector product per started column, i.e.
+    about ``T (1 + 2 C_active)`` gradient evaluations.
+
+    Args:
+        hvp: ``"fwd_rev"``: ``torch.func`` forward-over-reverse (``jvp`` of ``grad``) vmapped over
+            columns, which also returns the gradient; ``"rev_rev"``: double backward with
+            batched grad outputs. ``fwd_rev`` is the default, chosen by measurement
+            (docs/benchmarks.md).
+        chunk_size: columns per vectorised Hessian-vector product (None: all at once).
+        clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
+        clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
+    """
+
+    name = "forward"
+
+    def __init__(
+        self,
+        hvp: HVPMode = "fwd_rev",
+        chunk_size: int | None = None,
+        clamp_grad: float | None = None,
+        clamp_hvp: float | None = None,
+    ) -> None:
+        if hvp not in ("fwd_rev", "rev_rev"):
+            raise ConfigError(f"estimator.hvp={hvp!r} is unknown; allowed: fwd_rev, rev_rev")
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"estimator.chunk_size={chunk_size} must be a positive integer")
+        for key, c in (("clamp_grad", clamp_grad), ("clamp_hvp", clamp_hvp)):
+            if c is not None and not c > 0:
+                raise ConfigError(f"estimator.{key}={c} must be positive (or null: off)")
+        self.hvp = hvp
+        self.chunk_size = chunk_size
+        self.clamp_grad = clamp_grad
+        self.clamp_hvp = clamp_hvp
+
+    @property
+    def exact(self) -> bool:
+        return self.clamp_grad is None and self.clamp_hvp is None
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        synchronize(task.device)
+        start = time.perf_counter()
+        with MemoryMeter(task.device) as mem:
+            meta_loss, grads, metrics = self._run(task, schedule)
+        synchronize(task.device)
+        return Hypergradient(
+            meta_loss=meta_loss,
+            grads=grads,
+            seconds=time.perf_counter() - start,
+            peak_memory=mem.peak,
+            inner_steps=schedule.horizon,
+            metrics=metrics,
+        )
+
+    # -- the method ----------------------------------------------------------------------------
+    def _run(
+        self, task: Task, schedule: HyperSchedule
+    ) -> tuple[float, dict[str, Tensor], dict[str, float]]:
+        flat = FlatTask(task)
+        dev, dt = task.device, task.dtype
+        table = schedule.table(dev, dt)
+
+        # One column per learned shared value, ordered by the step its segment starts.
+        cols = sorted(
+            (s, name, k)
+            for name in schedule.learned
+            for k, s in enumerate(schedule.segment_starts(name))
+        )
+        starts = torch.tensor([c[0] for c in cols], dtype=torch.long)
+        col_of = {(name, k): i for i, (_, name, k) in enumerate(cols)}
+        seg = {name: schedule.segment_index(name).tolist() for name in schedule.learned}
+        n_active = torch.searchsorted(starts, torch.arange(schedule.horizon), right=True).tolist()
+
+        state = flat.init_state()
+        Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
+        Y = torch.zeros_like(Z)
+        hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
+
+        def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
+            a = n_active[t]
+            if a == 0:
+                g = flat.grad(t, st, batch)
+                hz[:] = []
+            else:
+                g, h = self._grad_and_hvp(flat, st, batch, Z[:a])
+                hz[:] = [h]
+            if self.clamp_grad is not None:
+                g = g.clamp(-self.clamp_grad, self.clamp_grad)
+            return g
+
+        def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
+            a = n_active[t]
+            if a == 0:
+                return
+            lr, mu, wd = table["lr"][t], table["momentum"][t], table["weight_decay"][t]
+            Ya, Za = Y[:a], Z[:a]
+            Ya.mul_(mu).add_(hz[0]).add_(wd * Za)
+            if "momentum" in seg:
+                Y[col_of["momentum", seg["momentum"][t]]].add_(old.velocity)
+            if "weight_decay" in seg:
+                Y[col_of["weight_decay", seg["weight_decay"][t]]].add_(old.theta)
+            Za.sub_(lr * Ya)
+            if "lr" in seg:
+                Z[col_of["lr", seg["lr"][t]]].sub_(new.velocity)
+
+        state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
+        g_val, meta_loss = _grad_and_value(flat.val_loss, state)
+        total = Z @ g_val
+        grads = {
+            name: torch.zeros(schedule.specs[name].n_segments, dtype=torch.float64)
+            for name in schedule.values
+        }
+        for i, (_, name, k) in enumerate(cols):
+            grads[name][k] = total[i].item()
+        metrics = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
+        return float(meta_loss), grads, metrics
+
+    def _grad_and_hvp(
+        self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Training gradient at ``st.theta`` and ``H Z^T`` for the rows of ``Z``."""
+
+        def loss(theta: Tensor) -> Tensor:
+            return flat.train_loss(theta, st.buffers, batch)
+
+        if self.hvp == "fwd_rev":
+            gradf = grad(loss)
+
+            def column(z: Tensor) -> tuple[Tensor, Tensor]:
+                return jvp(gradf, (st.theta,), (z,))
+
+            g, hz = vmap(column, out_dims=(None, 0), chunk_size=self.chunk_size)(Z)
+        else:
+            theta = st.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+                hz = _batched_vjp(g, theta, Z, self.chunk_size)
+            g = g.detach()
+        if self.clamp_hvp is not None:
+            hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
+        return g, hz
+
+
+def _batched_vjp(out: Tensor, inp: Tensor, vs: Tensor, chunk: int | None) -> Tensor:
+    chunk = chunk or len(vs)
+    parts = []
+    for i in range(0, len(vs), chunk):
+        (p,) = torch.autograd.grad(
+            out, inp, vs[i : i + chunk], retain_graph=True, is_grads_batched=True
+        )
+        parts.append(p)
+    return torch.cat(parts)
+
+
+def _grad_and_value(fn: Callable[[Tensor, dict], Tensor], state: InnerState) -> tuple[Tensor, Tensor]:
+    return torch.func.grad_and_value(fn)(state.theta, state.buffers)

@@ -1,0 +1,118 @@
+"""The interfaces every estimator and task plugs into: Task, HypergradientEstimator, Hypergradient.
+
+Type aliases follow torch.func: parameters and buffers are plain ``dict[str, Tensor]`` so any
+estimator can differentiate a task through ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from metahpo.schedule import HyperSchedule
+
+Params = dict[str, Tensor]
+Buffers = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported in one line that names the key and what is allowed."""
+
+
+class DivergenceError(RuntimeError):
+    """Inner training produced non-finite parameters or losses."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A dataset and a model, written functionally so that estimators can differentiate it.
+
+    A task is built for one ``seed``, which fixes the initial weights and the order of training
+    batches; ``with_seed`` gives the same data with another seed. Data lives on ``device`` in
+    ``dtype`` from construction on.
+    """
+
+    name: str
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module  # the architecture; its own parameters are never trained in place
+
+    def with_seed(self, seed: int) -> Task: ...
+
+    def init_params(self) -> tuple[Params, Buffers]:
+        """Initial parameters and buffers for ``self.seed`` (fresh tensors every call)."""
+        ...
+
+    def batch(self, step: int) -> Batch:
+        """The training batch used at inner step ``step`` (deterministic given the seed)."""
+        ...
+
+    def train_loss(self, params: Params, buffers: Buffers, batch: Batch) -> Tensor:
+        """Mean training loss on ``batch``; pure: never mutates ``buffers``."""
+        ...
+
+    def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
+        """Buffers after a training step on ``batch`` (batch-norm statistics); not differentiated."""
+        ...
+
+    def val_loss(self, params: Params, buffers: Buffers) -> Tensor:
+        """The meta objective: mean loss on the whole validation split."""
+        ...
+
+    def evaluate(self, params: Params, buffers: Buffers, split: str = "test") -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` on ``split`` (``accuracy`` is None for regression)."""
+        ...
+
+
+@dataclass
+class Hypergradient:
+    """What every estimator returns.
+
+    Attributes:
+        meta_loss: validation loss at the end of the inner run the gradient was taken on.
+        grads: per hyperparameter type, a float64 CPU tensor with one entry per shared segment
+            (the gradient with respect to that segment's value; zeros for fixed types).
+        seconds: wall time of the estimate.
+        peak_memory: peak memory above the level at the start, in bytes (see metahpo.device).
+        inner_steps: inner SGD steps taken (forward and backward passes over them count once).
+        metrics: extra scalars (``val_accuracy``...).
+        schedule: for estimators that move the schedule online (greedy), the schedule they ended
+            with; None for the others.
+    """
+
+    meta_loss: float
+    grads: dict[str, Tensor]
+    seconds: float = 0.0
+    peak_memory: int = 0
+    inner_steps: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    schedule: HyperSchedule | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meta_loss": self.meta_loss,
+            "hypergradient": {k: v.tolist() for k, v in self.grads.items()},
+            "seconds": self.seconds,
+            "peak_memory_mb": self.peak_memory / 2**20,
+            "inner_steps": self.inner_steps,
+            **self.metrics,
+        }
+
+
+@runtime_checkable
+class HypergradientEstimator(Protocol):
+    """``hypergradient(task, schedule)``: d(final validation loss)/d(each shared value).
+
+    Implementations state in their class docstring the quantity they estimate, its bias, and
+    their memory and compute cost.
+    """
+
+    name: str
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient: ...

@@ -1,0 +1,94 @@
+"""Device, dtype and memory accounting: the one place that knows about CPU vs CUDA."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from types import TracebackType
+
+import torch
+
+from metahpo.core import ConfigError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU)."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or name == "cuda" or name.startswith("cuda:"):
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        return torch.device(name)
+    raise ConfigError(f"device={name!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise ConfigError(
+            f"dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}"
+        ) from None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryMeter:
+    """Peak memory of a block of code, above the level at its start, in bytes.
+
+    CUDA: the caching allocator's peak. CPU: the process's resident set, sampled every
+    millisecond by a background thread (PyTorch keeps no CPU peak counter); allocations that
+    live shorter than a millisecond can be missed, so CPU figures are a close lower bound.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 1e-3) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> MemoryMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._max = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes())
+            self.peak = self._max - self._base
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (for honest timings on CUDA; a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

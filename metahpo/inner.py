@@ -1,0 +1,152 @@
+"""The inner run: SGD with momentum and weight decay as a pure function, and the one loop.
+
+Every estimator, the retraining at the end and the tests go through :func:`train`; estimators
+change what it computes per step only through ``grad_fn`` (how the training gradient is
+obtained, e.g. together with Hessian-vector products) and ``on_step`` (what they carry beside
+the parameters, e.g. forward-mode tangents).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from metahpo.core import Batch, Buffers, DivergenceError, Params, Task
+from metahpo.schedule import HyperSchedule
+
+
+def sgd_step(
+    theta: Tensor, velocity: Tensor, grad: Tensor, lr: Tensor, momentum: Tensor, weight_decay: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of ``torch.optim.SGD`` (dampening 0, no Nesterov) as a pure function.
+
+    ``v' = momentum * v + grad + weight_decay * theta``, ``theta' = theta - lr * v'``, with
+    ``v = 0`` before the first step (torch's first step sets the buffer to the gradient, which is
+    the same thing).
+    """
+    velocity = momentum * velocity + grad + weight_decay * theta
+    return theta - lr * velocity, velocity
+
+
+@dataclass
+class InnerState:
+    """Inner-run state at the start of step ``step``: flat parameters, velocity, buffers."""
+
+    theta: Tensor
+    velocity: Tensor
+    buffers: Buffers
+    step: int = 0
+
+
+class FlatTask:
+    """A task's losses as functions of one flat parameter vector ``theta`` of length P.
+
+    Forward-mode tangents are ``[columns, P]`` matrices; the flat view makes every
+    Hessian-vector product one batched call.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        params, self._init_buffers = task.init_params()
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        self._init_theta = self.flatten(params)
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, params: Params) -> Tensor:
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> Params:
+        chunks = theta.split(self.numels, dim=-1)
+        return {
+            n: c.reshape(*theta.shape[:-1], *s)
+            for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
+        }
+
+    def init_state(self) -> InnerState:
+        theta = self._init_theta.detach().clone()
+        buffers = {k: b.clone() for k, b in self._init_buffers.items()}
+        return InnerState(theta, torch.zeros_like(theta), buffers, 0)
+
+    def train_loss(self, theta: Tensor, buffers: Buffers, batch: Batch) -> Tensor:
+        return self.task.train_loss(self.unflatten(theta), buffers, batch)
+
+    def val_loss(self, theta: Tensor, buffers: Buffers) -> Tensor:
+        return self.task.val_loss(self.unflatten(theta), buffers)
+
+    def grad(self, step: int, state: InnerState, batch: Batch) -> Tensor:
+        """Training gradient at ``state`` (the default ``grad_fn`` of :func:`train`)."""
+        g, _ = grad_and_value(self.train_loss)(state.theta, state.buffers, batch)
+        return g
+
+    def next_buffers(self, theta: Tensor, buffers: Buffers, batch: Batch) -> Buffers:
+        if not buffers:
+            return buffers
+        with torch.no_grad():
+            return self.task.next_buffers(self.unflatten(theta.detach()), buffers, batch)
+
+    def evaluate(self, state: InnerState, split: str = "test") -> dict[str, float]:
+        with torch.no_grad():
+            return self.task.evaluate(self.unflatten(state.theta.detach()), state.buffers, split)
+
+
+GradFn = Callable[[int, InnerState, Batch], Tensor]
+StepHook = Callable[[int, InnerState, InnerState, Batch], None]
+
+
+def train(
+    flat: FlatTask,
+    table: dict[str, Tensor],
+    state: InnerState,
+    stop: int,
+    *,
+    grad_fn: GradFn | None = None,
+    on_step: StepHook | None = None,
+) -> InnerState:
+    """Run inner steps ``state.step .. stop-1`` and return the state after them.
+
+    Args:
+        flat: the task, flattened.
+        table: ``{type: Tensor[T]}`` of per-step values (:meth:`HyperSchedule.table`). Tensors
+            that require grad make the run differentiable in them (reverse mode).
+        state: where to start (``flat.init_state()`` for a fresh run).
+        stop: the step to stop before.
+        grad_fn: ``(t, state, batch) -> gradient`` (default: plain ``torch.func`` gradient).
+        on_step: ``(t, state_before, state_after, batch)``, called after every step.
+
+    Raises:
+        DivergenceError: the parameters are not finite at the end.
+    """
+    grad_fn = grad_fn or flat.grad
+    lr, mom, wd = table["lr"], table["momentum"], table["weight_decay"]
+    for t in range(state.step, stop):
+        batch = flat.task.batch(t)
+        g = grad_fn(t, state, batch)
+        theta, velocity = sgd_step(state.theta, state.velocity, g, lr[t], mom[t], wd[t])
+        new = InnerState(theta, velocity, flat.next_buffers(state.theta, state.buffers, batch), t + 1)
+        if on_step is not None:
+            on_step(t, state, new, batch)
+        state = new
+    if not bool(torch.isfinite(state.theta).all()):
+        raise DivergenceError(
+            f"inner training diverged: parameters are not finite after step {state.step} "
+            f"(max lr {float(lr.max()):.4g}, max momentum {float(mom.max()):.4g})"
+        )
+    return state
+
+
+def fit(task: Task, schedule: HyperSchedule) -> tuple[FlatTask, InnerState]:
+    """Train from the task's initial parameters over the whole horizon with ``schedule``."""
+    flat = FlatTask(task)
+    table = schedule.table(task.device, task.dtype)
+    with torch.no_grad():
+        state = train(flat, table, flat.init_state(), schedule.horizon)
+    return flat, state

@@ -1,0 +1,166 @@
+"""Shared machinery of supervised tasks: splits on the device, seeded batches, functional losses.
+
+A concrete task (``tasks/digits.py``...) only loads its data and builds its model, then calls
+``SupervisedTask.__init__``; everything an estimator touches is implemented once, here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metahpo.core import Batch, Buffers, ConfigError, Params
+
+Split = Literal["train", "val", "test"]
+
+
+class SupervisedTask:
+    """A model and train / validation / test tensors, with losses over parameter dicts.
+
+    Args:
+        name: task name used in results.
+        data: ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` CPU tensors.
+        make_model: builds the architecture; called under the seed so weights are reproducible.
+        loss: ``"cross_entropy"`` (classification, reports accuracy) or ``"mse"`` (regression,
+            half mean squared error).
+        batch_size: training batch size; each epoch is a fresh permutation, last partial batch
+            dropped, so every step sees the same number of examples.
+        seed: fixes the initial weights and the batch order.
+        device, dtype: where the data and parameters live.
+        augment: optional ``(x, generator) -> x`` applied to every training batch (seeded).
+        eval_batch_size: chunk size for validation / test passes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: dict[str, tuple[Tensor, Tensor]],
+        make_model: Callable[[], nn.Module],
+        *,
+        loss: Literal["cross_entropy", "mse"],
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        eval_batch_size: int = 4096,
+    ) -> None:
+        self.name = name
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.loss_kind = loss
+        self.augment = augment
+        self.eval_batch_size = eval_batch_size
+        n_train = len(data["train"][0])
+        if not 1 <= batch_size <= n_train:
+            raise ConfigError(
+                f"task.batch_size={batch_size} must be between 1 and the {n_train} training "
+                "examples"
+            )
+        self.batch_size = int(batch_size)
+        self.batches_per_epoch = n_train // self.batch_size
+        self.data = {
+            split: (
+                x.to(device=self.device, dtype=dtype if x.is_floating_point() else x.dtype),
+                y.to(device=self.device, dtype=dtype if y.is_floating_point() else y.dtype),
+            )
+            for split, (x, y) in data.items()
+        }
+        self._make_model = make_model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = make_model().to(device=self.device, dtype=dtype)
+        self._perms: dict[int, Tensor] = {}
+
+    # -- seeds ---------------------------------------------------------------------------------
+    def with_seed(self, seed: int) -> SupervisedTask:
+        """The same data with another seed (new initial weights and batch order)."""
+        other = copy.copy(self)
+        other.seed = int(seed)
+        other._perms = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(other.seed)
+            other.model = self._make_model().to(device=self.device, dtype=self.dtype)
+        return other
+
+    def init_params(self) -> tuple[Params, Buffers]:
+        params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
+        return params, buffers
+
+    # -- batches -------------------------------------------------------------------------------
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def batch(self, step: int) -> Batch:
+        epoch, i = divmod(step, self.batches_per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            n = len(self.data["train"][1])
+            perm = torch.randperm(n, generator=self._generator(epoch)).to(self.device)
+            self._perms = {epoch: perm}  # steps run in order: one epoch cached is enough
+        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+        x, y = self.data["train"]
+        xb = x[idx]
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
+            xb = self.augment(xb, g)
+        return xb, y[idx]
+
+    # -- losses --------------------------------------------------------------------------------
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.loss_kind == "cross_entropy":
+            return F.cross_entropy(out, y)
+        return 0.5 * (out.squeeze(-1) - y).pow(2).mean()
+
+    def _forward(self, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def train_loss(self, params: Params, buffers: Buffers, batch: Batch) -> Tensor:
+        self.model.train()
+        x, y = batch
+        return self._loss(self._forward(params, buffers, x), y)
+
+    def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
+        if not buffers:
+            return buffers
+        new = {k: b.clone() for k, b in buffers.items()}
+        self.model.train()
+        with torch.no_grad():
+            self._forward(params, new, batch[0])  # batch-norm updates ``new`` in place
+        return new
+
+    def val_loss(self, params: Params, buffers: Buffers) -> Tensor:
+        return self._split_metrics(params, buffers, "val", differentiable=True)[0]
+
+    def evaluate(self, params: Params, buffers: Buffers, split: str = "test") -> dict[str, float]:
+        if split not in self.data:
+            raise ConfigError(f"split={split!r} is unknown; allowed: {', '.join(self.data)}")
+        with torch.no_grad():
+            loss, acc = self._split_metrics(params, buffers, split, differentiable=False)
+        return {"loss": float(loss), "accuracy": None if acc is None else float(acc)}
+
+    def _split_metrics(
+        self, params: Params, buffers: Buffers, split: str, *, differentiable: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        self.model.eval()
+        x, y = self.data[split]
+        n = len(y)
+        total = torch.zeros((), device=self.device, dtype=self.dtype)
+        correct = torch.zeros((), device=self.device)
+        for i in range(0, n, self.eval_batch_size):
+            xb, yb = x[i : i + self.eval_batch_size], y[i : i + self.eval_batch_size]
+            out = self._forward(params, buffers, xb)
+            total = total + self._loss(out, yb) * len(yb)
+            if self.loss_kind == "cross_entropy":
+                correct = correct + (out.detach().argmax(-1) == yb).sum()
+        self.model.train()
+        acc = correct / n if self.loss_kind == "cross_entropy" else None
+        return total / n, acc

@@ -1,0 +1,86 @@
+"""scikit-learn's bundled 8x8 digits with an MLP: the embedded default task (no download)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from metahpo.core import ConfigError
+from metahpo.taskbase import SupervisedTask
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus}
+
+
+def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
+    """``Linear -> activation`` for every hidden width, then a linear read-out."""
+    if activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"task.activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}"
+        )
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(n_in, int(width)), ACTIVATIONS[activation]()]
+        n_in = int(width)
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class Digits(SupervisedTask):
+    """1797 8x8 grey-level digits (10 classes), standardised with training statistics.
+
+    The test split is stratified and fixed by ``split_seed``; the validation split (the meta
+    objective) is held out from the rest. ``n_train`` caps the training set (small test configs).
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 128,
+        hidden: Sequence[int] = (128,),
+        activation: str = "relu",
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        n_train: int | None = None,
+        split_seed: int = 0,
+    ) -> None:
+        for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < frac < 1:
+                raise ConfigError(f"task.{key}={frac} must lie strictly between 0 and 1")
+        x, y = load_digits(return_X_y=True)
+        x_rest, x_test, y_rest, y_test = train_test_split(
+            x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+        )
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest, y_rest, test_size=val_fraction, random_state=split_seed, stratify=y_rest
+        )
+        if n_train is not None:
+            x_train, y_train = x_train[:n_train], y_train[:n_train]
+        scaler = StandardScaler().fit(x_train)
+
+        def tensors(xs, ys):  # type: ignore[no-untyped-def]
+            return torch.as_tensor(scaler.transform(xs)), torch.as_tensor(ys, dtype=torch.long)
+
+        data = {
+            "train": tensors(x_train, y_train),
+            "val": tensors(x_val, y_val),
+            "test": tensors(x_test, y_test),
+        }
+        hidden = tuple(hidden)
+        super().__init__(
+            "digits",
+            data,
+            lambda: mlp(64, hidden, 10, activation),
+            loss="cross_entropy",
+            batch_size=batch_size,
+            seed=seed,
+            device=torch.device(device),
+            dtype=dtype,
+        )
