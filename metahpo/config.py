@@ -1,0 +1,182 @@
+"""Configuration: where the Hydra configs live, composing them, and one-line validation.
+
+Everything a user can get wrong is checked here before any training starts, and reported as a
+:class:`ConfigError` whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from metahpo.core import ConfigError
+from metahpo.schedule import HYPERPARAMETERS
+
+GROUPS = ("task", "estimator", "schedule", "outer", "logger", "experiment")
+
+
+def config_dir() -> Path:
+    """The shipped configs: ``metahpo/configs`` in a wheel, ``configs/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"metahpo's configs are missing (looked in {here} and its parent)")
+
+
+def options(group: str) -> list[str]:
+    """Names selectable for a config group (``estimator`` -> ``["forward", ...]``)."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Reject unknown group options (``estimator=nope``) and unparsable overrides in one line.
+
+    Options from a user's own config directory (``hydra.searchpath``) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    if any(o.lstrip("+~").startswith(("hydra.searchpath", "--config-dir", "-cd")) for o in overrides):
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if not o.startswith("-")]
+        )
+    except HydraException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"could not parse the overrides: {first}") from None
+    for o in parsed:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete() or o.package:
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        allowed = options(group)
+        for v in values:
+            if v is None and group == "experiment":
+                continue
+            if str(v) not in allowed:
+                raise ConfigError(f"{group}={v!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config the CLI would build from the same overrides (``["estimator=forward"]``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    check_overrides(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+# -- validation -------------------------------------------------------------------------------
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(cfg: DictConfig, key: str, *, low: int, high: int | None = None, what: str = "") -> int:
+    v = OmegaConf.select(cfg, key)
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+    if not ok:
+        rng = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise ConfigError(f"{key}={v!r} must be {rng}{what}")
+    return int(v)
+
+
+def _number(cfg: DictConfig, key: str, *, low: float | None = None, allow_none: bool = False) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is None and allow_none:
+        return
+    if not _is_number(v) or (low is not None and v < low):
+        bound = "" if low is None else f" >= {low}"
+        none = " (or null)" if allow_none else ""
+        raise ConfigError(f"{key}={v!r} must be a number{bound}{none}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value the run depends on; raise ConfigError naming the first bad key."""
+    for key in ("task", "estimator", "schedule", "outer", "logger", "baseline"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"{key} is missing from the config; pick one with {key}=<name>")
+    horizon = _int(cfg, "horizon", low=1, what=" (inner steps per run)")
+    _int(cfg, "seed", low=0)
+    if str(cfg.dtype) not in ("float32", "float64"):
+        raise ConfigError(f"dtype={cfg.dtype!r} is unknown; allowed: float32, float64")
+    device = str(cfg.device)
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device={device!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
+    _validate_schedule(cfg, horizon)
+    _validate_outer(cfg)
+    for name in HYPERPARAMETERS:
+        _number(cfg, f"baseline.{name}", low=0.0)
+    decay = OmegaConf.select(cfg, "baseline.lr_decay")
+    if decay not in ("constant", "cosine"):
+        raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")
+    seeds = OmegaConf.select(cfg, "final.seeds")
+    if not isinstance(seeds, ListConfig) or not seeds or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    ):
+        raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
+    for group in ("task", "estimator", "logger"):
+        if "_target_" not in cfg[group]:
+            raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
+
+
+def _validate_schedule(cfg: DictConfig, horizon: int) -> None:
+    learned = 0
+    for name in HYPERPARAMETERS:
+        key = f"schedule.{name}"
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"{key} is missing; each of {', '.join(HYPERPARAMETERS)} needs one")
+        n = _int(cfg, f"{key}.segments", low=1, high=horizon, what=f" (horizon={horizon})")
+        bounds = OmegaConf.select(cfg, f"{key}.bounds")
+        if (
+            not isinstance(bounds, ListConfig)
+            or len(bounds) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+        ):
+            raise ConfigError(f"{key}.bounds={bounds!r} must be [min, max]")
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if lo > hi:
+            raise ConfigError(f"{key}.bounds=[{lo}, {hi}] has min > max")
+        if name == "weight_decay" and lo < 0:
+            raise ConfigError(f"{key}.bounds=[{lo}, {hi}]: weight decay cannot be negative")
+        init = OmegaConf.select(cfg, f"{key}.init")
+        values = list(init) if isinstance(init, ListConfig) else [init]
+        if not all(_is_number(v) for v in values) or len(values) not in (1, n):
+            raise ConfigError(
+                f"{key}.init={OmegaConf.to_container(init) if isinstance(init, ListConfig) else init!r} "
+                f"must be a number or a list of {n} numbers"
+            )
+        if any(not lo <= v <= hi for v in values):
+            raise ConfigError(f"{key}.init={values} lies outside {key}.bounds=[{lo}, {hi}]")
+        learn = OmegaConf.select(cfg, f"{key}.learn")
+        if not isinstance(learn, bool):
+            raise ConfigError(f"{key}.learn={learn!r} must be true or false")
+        learned += learn
+    if not learned:
+        raise ConfigError("schedule: no hyperparameter has learn=true; nothing to learn")
+
+
+def _validate_outer(cfg: DictConfig) -> None:
+    if OmegaConf.select(cfg, "outer.optimizer._target_") is None:
+        raise ConfigError("outer.optimizer._target_ is missing: name the outer optimiser's class")
+    _int(cfg, "outer.steps", low=0)
+    _int(cfg, "outer.max_backtracks", low=0)
+    _number(cfg, "outer.stop_fraction", low=0.0)
+    clip = OmegaConf.select(cfg, "outer.clip")
+    if clip is not None and (not _is_number(clip) or clip <= 0):
+        raise ConfigError(f"outer.clip={clip!r} must be a positive number (or null: no clipping)")
+    if OmegaConf.select(cfg, "outer.select") not in ("best", "last"):
+        raise ConfigError(
+            f"outer.select={OmegaConf.select(cfg, 'outer.select')!r} is unknown; allowed: best, last"
+        )

@@ -1,0 +1,59 @@
+"""The two pictures of a run: the learned schedules, and the meta-loss over outer steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
+
+LABELS = {"lr": "learning rate", "momentum": "momentum", "weight_decay": "weight decay"}
+
+
+def plot_schedules(
+    schedules: dict[str, HyperSchedule], path: Path, title: str = ""
+) -> Path:
+    """One panel per hyperparameter type, value per inner step, one line per named schedule."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name in zip(axes, HYPERPARAMETERS, strict=True):
+        for label, sched in schedules.items():
+            ax.step(range(sched.horizon), sched.per_step(name).numpy(), where="post", label=label)
+        ax.set_title(LABELS[name])
+        ax.set_xlabel("inner step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Meta-loss (validation loss after the inner run) and validation accuracy per outer step."""
+    steps = [h["outer_step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, [h["meta_loss"] for h in history], "o-", label="meta-loss (val loss)")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    accs = [h.get("val_accuracy") for h in history]
+    if all(a is not None for a in accs):
+        ax2 = ax.twinx()
+        ax2.plot(steps, accs, "s--", color="tab:orange", label="val accuracy")
+        ax2.set_ylabel("validation accuracy")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

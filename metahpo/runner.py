@@ -1,0 +1,349 @@
+"""The outer loop and the public entry points ``hypergradient(cfg)`` and ``run(cfg)``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from metahpo.build import Setup, build
+from metahpo.config import validate
+from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
+from metahpo.inner import fit
+from metahpo.outer import clip_by_norm
+from metahpo.plots import plot_history, plot_schedules
+from metahpo.schedule import HyperSchedule
+
+log = logging.getLogger("metahpo")
+SCHEMA_VERSION = 1
+
+
+def hypergradient(cfg: DictConfig) -> Hypergradient:
+    """The configured estimator's hypergradient at the schedule's initial values."""
+    validate(cfg)
+    setup = build(cfg)
+    return setup.estimator.hypergradient(setup.task, setup.schedule)
+
+
+def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
+    """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives)."""
+    flat, state = fit(task, schedule)
+    out = flat.evaluate(state, "val")
+    return {"meta_loss": out["loss"], "val_accuracy": out["accuracy"]}
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Learn the schedule, retrain with it and with the baseline, return (and write) results.
+
+    Writes into ``output_dir`` when given: ``results.json`` (schema in docs/results.md),
+    ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (updated after
+    every outer step; ``resume=<dir>`` continues from it).
+    """
+    validate(cfg)
+    started = time.perf_counter()
+    out_dir = Path(output_dir) if output_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    setup = build(cfg)
+    name = f"{_estimator_name(setup)}-{setup.task.name}-s{cfg.seed}"
+    setup.logger.start(OmegaConf.to_container(cfg, resolve=True), name, out_dir)
+    results: dict[str, Any] = {}
+    files: list[Path] = []
+    failed = True
+    try:
+        loop = _OuterLoop(cfg, setup, out_dir)
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            loop.stopped = "interrupted"
+            results = _results(cfg, setup, loop, None, time.perf_counter() - started)
+            files = _write(out_dir, results, setup, loop)
+            where = f" resume={out_dir}" if out_dir else ""
+            log.warning("interrupted after %d outer steps; continue with%s", len(loop.history), where)
+            raise
+        final = _final_evaluation(cfg, setup, loop.learned)
+        results = _results(cfg, setup, loop, final, time.perf_counter() - started)
+        files = _write(out_dir, results, setup, loop)
+        failed = False
+    finally:
+        setup.logger.finish(_summary(results), files, failed=failed)
+    return results
+
+
+class _OuterLoop:
+    """Hypergradient, step, log, checkpoint; backtracks when inner training diverges."""
+
+    def __init__(self, cfg: DictConfig, setup: Setup, out_dir: Path | None) -> None:
+        self.cfg, self.setup, self.out_dir = cfg, setup, out_dir
+        self.schedule = setup.schedule
+        self.state = setup.optimizer.init(self.schedule)
+        self.history: list[dict[str, Any]] = []
+        self.backtracks = 0
+        self.stopped = "max_steps"
+        self.k = 0
+        self.learned = self.schedule
+        self.selected = 0
+        if cfg.resume:
+            self._resume(Path(str(cfg.resume)))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self, done: bool = False) -> None:
+        if self.out_dir is None:
+            return
+        path = self.out_dir / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "k": self.k,
+                "values": self.schedule.values,
+                "state": self.state,
+                "history": self.history,
+                "backtracks": self.backtracks,
+                "stopped": self.stopped if done else None,
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+
+    def _resume(self, path: Path) -> None:
+        ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+        if not ckpt_path.is_file():
+            raise ConfigError(f"resume={str(path)!r}: no checkpoint.pt there")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        for n, v in ckpt["values"].items():
+            if v.shape != self.schedule.values[n].shape:
+                raise ConfigError(
+                    f"resume={str(path)!r}: the checkpoint has {v.numel()} {n} segments but "
+                    f"schedule.{n}.segments={self.schedule.values[n].numel()}"
+                )
+        self.schedule = self.schedule.replace(ckpt["values"])
+        self.state, self.history = ckpt["state"], ckpt["history"]
+        self.backtracks, self.k = ckpt["backtracks"], ckpt["k"]
+        self.resumed_done = ckpt["stopped"]
+        log.info("resumed from %s at outer step %d", ckpt_path, self.k)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg, setup = self.cfg, self.setup
+        n_steps = int(cfg.outer.steps)
+        done = getattr(self, "resumed_done", None)
+        bar = tqdm(
+            total=n_steps,
+            initial=min(self.k, n_steps),
+            desc=f"{_estimator_name(setup)} on {setup.task.name}",
+            unit="outer step",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        prev: tuple[HyperSchedule, Any, dict[str, torch.Tensor]] | None = None
+        try:
+            while done is None and self.k < n_steps:
+                try:
+                    hg = setup.estimator.hypergradient(setup.task, self.schedule)
+                    _check_finite(hg)
+                except DivergenceError as e:
+                    if prev is None or self.backtracks >= int(cfg.outer.max_backtracks):
+                        raise DivergenceError(
+                            f"{e}; at outer step {self.k} with {self.schedule} "
+                            "(lower the schedule's upper bounds or the outer step sizes)"
+                        ) from None
+                    self.backtracks += 1
+                    log.warning("%s; backtracking (%d) with halved outer steps", e, self.backtracks)
+                    schedule, state, grads = prev
+                    self.state = setup.optimizer.backtrack(state)
+                    self.schedule, self.state = setup.optimizer.step(schedule, grads, self.state)
+                    continue
+                entry = {"outer_step": self.k, **hg.to_dict(), "schedule": _values(self.schedule)}
+                self.history.append(entry)
+                setup.logger.log(self.k, _metrics(entry))
+                bar.set_postfix(meta_loss=f"{hg.meta_loss:.4f}")
+                bar.update(1)
+                grads = clip_by_norm(hg.grads, cfg.outer.clip)
+                prev = (self.schedule, self.state, grads)
+                new, self.state = setup.optimizer.step(self.schedule, grads, self.state)
+                converged = setup.optimizer.converged(
+                    self.schedule, new, self.state, float(cfg.outer.stop_fraction)
+                )
+                self.schedule, self.k = new, self.k + 1
+                if converged:
+                    done = "converged"
+                self._checkpoint()
+        finally:
+            bar.close()
+        self.stopped = done or "max_steps"
+        self._select()
+        self._checkpoint(done=True)
+
+    def _select(self) -> None:
+        """Score the last iterate with a plain run, then pick the schedule to report."""
+        if not self.history or self.history[-1]["schedule"] != _values(self.schedule):
+            start = time.perf_counter()
+            scores = meta_loss(self.setup.task, self.schedule)
+            self.history.append(
+                {
+                    "outer_step": self.k,
+                    **scores,
+                    "hypergradient": None,
+                    "seconds": time.perf_counter() - start,
+                    "schedule": _values(self.schedule),
+                }
+            )
+        candidates = self.history if self.cfg.outer.select == "best" else self.history[-1:]
+        best = min(candidates, key=lambda h: h["meta_loss"])
+        self.selected = best["outer_step"]
+        self.learned = self.setup.schedule.replace(
+            {n: torch.tensor(v, dtype=torch.float64) for n, v in best["schedule"].items()}
+        )
+
+
+def _check_finite(hg: Hypergradient) -> None:
+    bad = [n for n, g in hg.grads.items() if not bool(torch.isfinite(g).all())]
+    if not math.isfinite(hg.meta_loss) or bad:
+        what = f"hypergradient of {', '.join(bad)}" if bad else "meta-loss"
+        raise DivergenceError(f"inner training diverged: the {what} is not finite")
+
+
+def _final_evaluation(
+    cfg: DictConfig, setup: Setup, learned: HyperSchedule
+) -> dict[str, dict[str, Any]]:
+    """Retrain from scratch with each schedule for every final seed; test loss and accuracy."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, schedule in (("learned", learned), ("baseline", setup.baseline)):
+        per_seed = []
+        for seed in cfg.final.seeds:
+            task = setup.task.with_seed(int(seed))
+            try:
+                flat, state = fit(task, schedule)
+            except DivergenceError:
+                per_seed.append({"seed": int(seed), "diverged": True})
+                continue
+            test, val = flat.evaluate(state, "test"), flat.evaluate(state, "val")
+            per_seed.append(
+                {
+                    "seed": int(seed),
+                    "test_loss": test["loss"],
+                    "test_accuracy": test["accuracy"],
+                    "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"],
+                }
+            )
+        out[label] = {**_aggregate(per_seed), "per_seed": per_seed}
+    return out
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in per_seed if not r.get("diverged")]
+    agg: dict[str, Any] = {"diverged_seeds": len(per_seed) - len(ok)}
+    for key in ("test_loss", "test_accuracy", "val_loss"):
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        agg[key] = statistics.fmean(vals) if vals else None
+        agg[f"{key}_std"] = statistics.pstdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+    return agg
+
+
+def _estimator_name(setup: Setup) -> str:
+    return str(getattr(setup.estimator, "name", type(setup.estimator).__name__))
+
+
+def _values(schedule: HyperSchedule) -> dict[str, list[float]]:
+    return {n: v.tolist() for n, v in schedule.values.items()}
+
+
+def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    m = {k: entry[k] for k in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb") if entry.get(k) is not None}
+    for n, g in (entry.get("hypergradient") or {}).items():
+        m[f"hypergrad_norm/{n}"] = float(torch.tensor(g).norm())
+    for n, vals in entry["schedule"].items():
+        m.update({f"{n}/{i}": v for i, v in enumerate(vals)})
+    return m
+
+
+def _results(
+    cfg: DictConfig,
+    setup: Setup,
+    loop: _OuterLoop,
+    final: dict[str, Any] | None,
+    wall: float,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "estimator": _estimator_name(setup),
+        "task": setup.task.name,
+        "seed": int(cfg.seed),
+        "horizon": int(cfg.horizon),
+        "device": str(setup.task.device),
+        "dtype": str(cfg.dtype),
+        "stopped": loop.stopped,
+        "outer_steps": loop.k,
+        "backtracks": loop.backtracks,
+        "selected_outer_step": loop.selected,
+        "learned_schedule": loop.learned.to_dict(),
+        "initial_schedule": setup.schedule.to_dict(),
+        "baseline_schedule": {"config": OmegaConf.to_container(cfg.baseline, resolve=True)},
+        "history": loop.history,
+        "final": final,
+        "estimator_seconds": sum(h["seconds"] for h in loop.history if h.get("hypergradient")),
+        "wall_time_seconds": wall,
+    }
+
+
+def _write(
+    out_dir: Path | None, results: dict[str, Any], setup: Setup, loop: _OuterLoop
+) -> list[Path]:
+    if out_dir is None:
+        return []
+    path = out_dir / "results.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    title = f"{results['estimator']} on {results['task']} (T={results['horizon']})"
+    files = [path]
+    files.append(
+        plot_schedules(
+            {"initial": setup.schedule, "learned": loop.learned, "baseline": setup.baseline},
+            out_dir / "schedules.png",
+            title,
+        )
+    )
+    if loop.history:
+        files.append(plot_history(loop.history, out_dir / "meta_loss.png", title))
+    return files
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    final = results.get("final") or {}
+    out: dict[str, Any] = {"wall_time_seconds": results.get("wall_time_seconds")}
+    for label in ("learned", "baseline"):
+        for key in ("test_accuracy", "test_loss"):
+            if final.get(label, {}).get(key) is not None:
+                out[f"{label}/{key}"] = final[label][key]
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The short learned-vs-baseline table printed at the end of a run."""
+    final = results.get("final") or {}
+    rows = [f"{'schedule':<10} {'test acc':>14} {'test loss':>16}"]
+    for label in ("learned", "baseline"):
+        r = final.get(label, {})
+        acc = r.get("test_accuracy")
+        acc_s = f"{100 * acc:6.2f} ± {100 * r['test_accuracy_std']:.2f}" if acc is not None else "n/a"
+        loss = r.get("test_loss")
+        loss_s = f"{loss:.4f} ± {r['test_loss_std']:.4f}" if loss is not None else "diverged"
+        rows.append(f"{label:<10} {acc_s:>14} {loss_s:>16}")
+    n = len((final.get("learned") or {}).get("per_seed", []))
+    rows.append(
+        f"{results['estimator']} on {results['task']}: {results['outer_steps']} outer steps "
+        f"({results['stopped']}), {n} final seed(s), wall time {results['wall_time_seconds']:.1f} s"
+    )
+    return "\n".join(rows)
