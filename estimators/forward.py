@@ -166,7 +166,10 @@ class ForwardMode:
             def column(z: Tensor) -> tuple[Tensor, Tensor]:
                 return jvp(gradf, (st.theta,), (z,))
 
-            g, hz = vmap(column, out_dims=(None, 0), chunk_size=self.chunk_size)(Z)
+            batched = vmap(column, out_dims=(None, 0))
+            chunk = self.chunk_size or len(Z)
+            g, first = batched(Z[:chunk])
+            hz = torch.cat([first, *(batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk))])
         else:
             theta = st.theta.detach().requires_grad_(True)
             with torch.enable_grad():

@@ -1,0 +1,145 @@
+"""Forward mode (FDS) is exact: central differences, an unrolled autograd reference, closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from estimators.forward import ForwardMode
+from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from tests.conftest import (
+    SHARING,
+    assert_grads_close,
+    central_differences,
+    make_schedule,
+    quadratic,
+    small_digits,
+    unrolled_reference,
+)
+
+TASKS = {"quadratic": (quadratic, 12), "digits": (small_digits, 9)}
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+@pytest.mark.parametrize("sharing", SHARING)
+@pytest.mark.parametrize("init", ["nonzero", "zero_mom_wd", "zero"])
+def test_matches_central_differences(task_name: str, sharing: str, init: str) -> None:
+    make_task, horizon = TASKS[task_name]
+    task = make_task()
+    schedule = make_schedule(horizon, SHARING[sharing], init)
+    hg = ForwardMode().hypergradient(task, schedule)
+    assert_grads_close(hg.grads, central_differences(task, schedule), rtol=1e-6)
+    if init == "zero":  # lr = 0: the weights never move, only the lr columns are non-zero
+        assert float(hg.grads["lr"].abs().max()) > 0
+        assert float(hg.grads["momentum"].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+@pytest.mark.parametrize("sharing", SHARING)
+@pytest.mark.parametrize("hvp", ["fwd_rev", "rev_rev"])
+def test_matches_unrolled_autograd(task_name: str, sharing: str, hvp: str) -> None:
+    make_task, horizon = TASKS[task_name]
+    task = make_task(activation="relu") if task_name == "digits" else make_task()
+    schedule = make_schedule(horizon, SHARING[sharing], seed=3)
+    hg = ForwardMode(hvp=hvp).hypergradient(task, schedule)
+    meta, ref = unrolled_reference(task, schedule)
+    assert hg.meta_loss == pytest.approx(meta, rel=1e-12)
+    assert_grads_close(hg.grads, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_chunked_columns_agree(chunk_size: int, digits_small) -> None:
+    schedule = make_schedule(8, 4)
+    full = ForwardMode().hypergradient(digits_small, schedule)
+    for hvp in ("fwd_rev", "rev_rev"):
+        chunked = ForwardMode(hvp=hvp, chunk_size=chunk_size).hypergradient(digits_small, schedule)
+        assert_grads_close(chunked.grads, full.grads, rtol=1e-12)
+
+
+def test_fixed_types_get_zero_and_learned_ones_do_not_change(digits_small) -> None:
+    everything = make_schedule(9, 3)
+    lr_only = make_schedule(9, 3, learn=("lr",))
+    a = ForwardMode().hypergradient(digits_small, everything)
+    b = ForwardMode().hypergradient(digits_small, lr_only)
+    assert torch.equal(b.grads["momentum"], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(b.grads["weight_decay"], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(a.grads["lr"], b.grads["lr"], rtol=1e-12, atol=0)
+
+
+def test_shared_value_gradient_is_sum_over_its_block(quad) -> None:
+    """Sharing: d/dh of a shared value = sum of the per-step hypergradients in its block."""
+    horizon, n = 12, 3
+    per_step = make_schedule(horizon, "T")
+    shared = HyperSchedule(
+        horizon,
+        {name: HyperSpec(n, (-1.0, 1.0)) for name in HYPERPARAMETERS},
+        {name: per_step.values[name][::4].clone() for name in HYPERPARAMETERS},
+    )
+    # give the per-step schedule the shared schedule's values, step by step
+    per_step = per_step.replace({name: shared.per_step(name) for name in HYPERPARAMETERS})
+    g_step = ForwardMode().hypergradient(quad, per_step).grads
+    g_shared = ForwardMode().hypergradient(quad, shared).grads
+    for name in HYPERPARAMETERS:
+        summed = g_step[name].reshape(n, horizon // n).sum(1)
+        torch.testing.assert_close(g_shared[name], summed, rtol=1e-10, atol=1e-14)
+
+
+def test_closed_form_one_weight_gradient_descent() -> None:
+    """One weight, full batch, no momentum or decay: w_T = w* + (1 - a lr)^T (w_0 - w*)."""
+    task = quadratic(dim=1, n_train=32, batch_size=32)
+    horizon, lr = 20, 0.3
+    f64 = {"dtype": torch.float64}
+    schedule = make_schedule(horizon, 1, learn=("lr",)).replace(
+        {"lr": torch.tensor([lr], **f64), "momentum": torch.zeros(1, **f64),
+         "weight_decay": torch.zeros(1, **f64)}
+    )
+    (xt, yt), (xv, yv) = task.data["train"], task.data["val"]
+    a, b = float((xt[:, 0] ** 2).mean()), float((xt[:, 0] * yt).mean())
+    av, bv = float((xv[:, 0] ** 2).mean()), float((xv[:, 0] * yv).mean())
+    w0 = float(task.init_params()[0]["weight"])
+    w_star, r = b / a, 1 - lr * a
+    w_T = w_star + r**horizon * (w0 - w_star)
+    dw_dlr = horizon * r ** (horizon - 1) * (-a) * (w0 - w_star)
+    expected = (av * w_T - bv) * dw_dlr
+    got = ForwardMode().hypergradient(task, schedule).grads["lr"]
+    assert float(got[0]) == pytest.approx(expected, rel=1e-10)
+
+
+def test_skips_columns_before_their_segment(monkeypatch, digits_small) -> None:
+    """Step t computes Hessian-vector products only for columns whose segment has started."""
+    seen: list[int] = []
+    original = ForwardMode._grad_and_hvp
+
+    def spy(self, flat, st, batch, Z):  # type: ignore[no-untyped-def]
+        seen.append(Z.shape[0])
+        return original(self, flat, st, batch, Z)
+
+    monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
+    schedule = make_schedule(8, 4)  # segments start at steps 0, 2, 4, 6; three types each
+    ForwardMode().hypergradient(digits_small, schedule)
+    assert seen == [3, 3, 6, 6, 9, 9, 12, 12]
+
+
+def test_clamps_are_off_by_default_and_change_the_result(digits_small) -> None:
+    schedule = make_schedule(9, 3)
+    exact = ForwardMode()
+    clamped = ForwardMode(clamp_hvp=1e-3)
+    assert exact.exact and not clamped.exact
+    a = exact.hypergradient(digits_small, schedule).grads["lr"]
+    b = clamped.hypergradient(digits_small, schedule).grads["lr"]
+    assert not torch.allclose(a, b, rtol=1e-3)
+
+
+def test_float32_close_to_float64() -> None:
+    schedule = make_schedule(9, 3)
+    g64 = ForwardMode().hypergradient(small_digits(), schedule).grads
+    g32 = ForwardMode().hypergradient(small_digits(dtype=torch.float32), schedule).grads
+    assert_grads_close(g32, g64, rtol=1e-3)
+
+
+def test_reports_costs(digits_small) -> None:
+    hg = ForwardMode().hypergradient(digits_small, make_schedule(9, 3))
+    assert hg.inner_steps == 9
+    assert hg.seconds > 0
+    assert hg.peak_memory >= 0
+    assert 0.0 <= hg.metrics["val_accuracy"] <= 1.0
