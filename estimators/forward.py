@@ -168,8 +168,10 @@ class ForwardMode:
 
             batched = vmap(column, out_dims=(None, 0))
             chunk = self.chunk_size or len(Z)
-            g, first = batched(Z[:chunk])
-            hz = torch.cat([first, *(batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk))])
+            g, hz = batched(Z[:chunk])
+            if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
+                rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]
+                hz = torch.cat([hz, *rest])
         else:
             theta = st.theta.detach().requires_grad_(True)
             with torch.enable_grad():

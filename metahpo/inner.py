@@ -26,7 +26,11 @@ def sgd_step(
 
     ``v' = momentum * v + grad + weight_decay * theta``, ``theta' = theta - lr * v'``, with
     ``v = 0`` before the first step (torch's first step sets the buffer to the gradient, which is
-    the same thing).
+    the same thing). One deliberate difference: at a step whose momentum is exactly 0, torch
+    leaves its momentum buffer untouched (a later non-zero momentum resumes the stale buffer),
+    which makes the update discontinuous in momentum at 0 and its derivative there zero. Here
+    the update is the continuous form, so d/d momentum at 0 is the one-sided limit: the
+    trajectories agree whenever momentum is never 0, or always 0.
     """
     velocity = momentum * velocity + grad + weight_decay * theta
     return theta - lr * velocity, velocity

@@ -38,19 +38,23 @@ def plot_schedules(
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Meta-loss (validation loss after the inner run) and validation accuracy per outer step."""
+    history = [h for h in history if h.get("meta_loss") is not None]
     steps = [h["outer_step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(steps, [h["meta_loss"] for h in history], "o-", label="meta-loss (val loss)")
     ax.set_xlabel("outer step")
-    ax.set_ylabel("validation loss")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("validation loss (log)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
     accs = [h.get("val_accuracy") for h in history]
     if all(a is not None for a in accs):
         ax2 = ax.twinx()
         ax2.plot(steps, accs, "s--", color="tab:orange", label="val accuracy")
         ax2.set_ylabel("validation accuracy")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="center right")
     if title:
         ax.set_title(title)
     fig.tight_layout()

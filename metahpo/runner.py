@@ -35,9 +35,15 @@ def hypergradient(cfg: DictConfig) -> Hypergradient:
 
 
 def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
-    """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives)."""
+    """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives).
+
+    Raises:
+        DivergenceError: the run or its validation loss is not finite.
+    """
     flat, state = fit(task, schedule)
     out = flat.evaluate(state, "val")
+    if not math.isfinite(out["loss"]):
+        raise DivergenceError("inner training diverged: the validation loss is not finite")
     return {"meta_loss": out["loss"], "val_accuracy": out["accuracy"]}
 
 
@@ -188,7 +194,10 @@ class _OuterLoop:
         """Score the last iterate with a plain run, then pick the schedule to report."""
         if not self.history or self.history[-1]["schedule"] != _values(self.schedule):
             start = time.perf_counter()
-            scores = meta_loss(self.setup.task, self.schedule)
+            try:
+                scores: dict[str, Any] = meta_loss(self.setup.task, self.schedule)
+            except DivergenceError:  # reported, never selected
+                scores = {"meta_loss": None, "val_accuracy": None, "diverged": True}
             self.history.append(
                 {
                     "outer_step": self.k,
@@ -198,7 +207,8 @@ class _OuterLoop:
                     "schedule": _values(self.schedule),
                 }
             )
-        candidates = self.history if self.cfg.outer.select == "best" else self.history[-1:]
+        scored = [h for h in self.history if h["meta_loss"] is not None]
+        candidates = scored if self.cfg.outer.select == "best" else scored[-1:]
         best = min(candidates, key=lambda h: h["meta_loss"])
         self.selected = best["outer_step"]
         self.learned = self.setup.schedule.replace(

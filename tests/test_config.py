@@ -1,0 +1,127 @@
+"""Configs compose and instantiate; bad input stops before training with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+import metahpo
+from metahpo.build import build
+from metahpo.config import GROUPS, config_dir, options
+from metahpo.core import ConfigError
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_file_composes_and_instantiates(group: str) -> None:
+    for option in options(group):
+        cfg = metahpo.compose([f"{group}={option}"])
+        if group == "experiment":
+            continue
+        if group in ("estimator", "logger"):
+            instantiate(cfg[group])
+        elif group == "outer":
+            instantiate(cfg.outer.optimizer)
+        elif group == "task" and "download" in cfg.task:
+            continue  # vision tasks need their data; tests/test_vision.py covers them
+        else:
+            build(cfg)
+
+
+def test_defaults_are_the_main_job() -> None:
+    cfg = metahpo.compose()
+    assert cfg.task._target_ == "tasks.digits.Digits"
+    assert cfg.estimator._target_ == "estimators.forward.ForwardMode"
+    assert cfg.outer.optimizer._target_ == "metahpo.outer.SignDescent"
+    assert all(cfg.schedule[n].init == 0.0 for n in metahpo.HYPERPARAMETERS)
+    assert config_dir().name == "configs"
+
+
+BAD = [
+    (["estimator=nope"], "estimator='nope' is unknown; allowed: "),
+    (["task=imagenet"], "task='imagenet' is unknown; allowed: "),
+    (["estimator=forward,nope"], "estimator='nope' is unknown"),
+    (["schedule.lr.segments=500"], "schedule.lr.segments=500 must be an integer from 1 to 200"),
+    (["schedule.momentum.segments=0"], "schedule.momentum.segments=0 must be an integer from 1"),
+    (["schedule.lr.bounds=[1.0,0.5]"], "schedule.lr.bounds=[1.0, 0.5] has min > max"),
+    (["schedule.weight_decay.bounds=[-1,1]"], "weight decay cannot be negative"),
+    (["horizon=-5"], "horizon=-5 must be an integer >= 1"),
+    (["horizon=abc"], "horizon='abc' must be an integer >= 1"),
+    (["schedule.lr.init=abc"], "schedule.lr.init='abc' must be a number or a list of 10 numbers"),
+    (["schedule.lr.init=[0.1,0.2]"], "schedule.lr.init=[0.1, 0.2] must be a number or a list of 10"),
+    (["schedule.lr.init=2.0"], "schedule.lr.init=[2.0] lies outside schedule.lr.bounds=[0.0, 1.0]"),
+    (["schedule.lr.learn=maybe"], "schedule.lr.learn='maybe' must be true or false"),
+    (["outer.steps=-1"], "outer.steps=-1 must be an integer >= 0"),
+    (["outer.clip=0"], "outer.clip=0 must be a positive number"),
+    (["outer.select=worst"], "outer.select='worst' is unknown; allowed: best, last"),
+    (["dtype=float16"], "dtype='float16' is unknown; allowed: float32, float64"),
+    (["device=tpu"], "device='tpu' is unknown; allowed: auto, cpu, cuda, cuda:N"),
+    (["final.seeds=[]"], "final.seeds=[] must be a non-empty list"),
+    (["baseline.lr=fast"], "baseline.lr='fast' must be a number >= 0.0"),
+    (["seed=-1"], "seed=-1 must be an integer >= 0"),
+    (
+        ["schedule.lr.learn=false", "schedule.momentum.learn=false",
+         "schedule.weight_decay.learn=false"],
+        "nothing to learn",
+    ),
+    (["horizon=="], "could not parse the overrides"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_naming_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        metahpo.compose(overrides)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["estimator.hvp=magic"], "estimator.hvp='magic' is unknown; allowed: fwd_rev, rev_rev"),
+        (["estimator.chunk_size=0"], "estimator.chunk_size=0 must be a positive integer"),
+        (["task.batch_size=5000"], "task.batch_size=5000 must be between 1 and the"),
+        (["outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a positive number"),
+        (["estimator._target_=nowhere.Nothing"], "estimator._target_='nowhere.Nothing' could not"),
+        (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes' is unknown"),
+    ],
+)
+def test_bad_plugin_arguments_fail_before_training(
+    overrides: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metahpo.inner
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(metahpo.inner, "train", no_training)
+    cfg = metahpo.compose(["experiment=smoke", *overrides])
+    with pytest.raises(ConfigError) as err:
+        metahpo.run(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["estimator=nope"], "metahpo: error: estimator='nope' is unknown; allowed: forward"),
+        (["-m", "task=digits,nope"], "metahpo: error: task='nope' is unknown"),
+        (["horizon=-3"], "metahpo: error: horizon=-3 must be an integer >= 1"),
+        (["schedule.lr.init=abc"], "metahpo: error: schedule.lr.init='abc' must be a number"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line(args: list[str], message: str, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "metahpo", *args, f"hydra.run.dir={tmp_path}/run",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("metahpo: error")]
+    assert lines and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -1,0 +1,187 @@
+"""Schedules, the inner step, the tasks and the outer optimisers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metahpo.core import ConfigError
+from metahpo.inner import FlatTask, fit, sgd_step
+from metahpo.outer import SGD, Adam, SignDescent, clip_by_norm
+from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec, cosine_schedule
+from tests.conftest import make_schedule, quadratic, small_digits
+
+
+# -- schedules ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("horizon", "n"), [(10, 1), (10, 3), (10, 10), (7, 4), (200, 10)])
+def test_segment_index_is_floor_n_t_over_T(horizon: int, n: int) -> None:
+    s = make_schedule(horizon, n)
+    idx = s.segment_index("lr").tolist()
+    assert idx == [n * t // horizon for t in range(horizon)]
+    assert s.segment_starts("lr") == [idx.index(k) for k in range(n)]
+    assert sorted(set(idx)) == list(range(n))  # every segment owns at least one step
+
+
+def test_per_step_and_projection() -> None:
+    specs = {n: HyperSpec(2, (0.0, 0.5)) for n in HYPERPARAMETERS}
+    s = HyperSchedule(4, specs, {"lr": [0.1, 0.9], "momentum": -1.0, "weight_decay": [0.2, 0.3]})
+    assert s.per_step("lr").tolist() == [0.1, 0.1, 0.9, 0.9]
+    p = s.project()
+    assert p.values["lr"].tolist() == [0.1, 0.5]
+    assert p.values["momentum"].tolist() == [0.0, 0.0]
+    assert s.values["lr"].tolist() == [0.1, 0.9]  # immutable: project returned a new one
+
+
+def test_cosine_baseline_decays_to_zero() -> None:
+    s = cosine_schedule(100, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    lr = s.per_step("lr")
+    assert float(lr[0]) == pytest.approx(0.1)
+    assert float(lr[-1]) < 1e-4
+    assert bool((lr[1:] <= lr[:-1]).all())
+
+
+# -- the inner step ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "hps",
+    [
+        [(0.1, 0.9, 1e-2), (0.05, 0.5, 0.0), (0.2, 0.3, 1e-3), (0.1, 0.99, 5e-4)],
+        [(0.1, 0.0, 1e-2), (0.05, 0.0, 0.0), (0.2, 0.0, 1e-3)],  # momentum 0 throughout
+    ],
+)
+def test_sgd_step_is_torch_optim_sgd(hps: list[tuple[float, float, float]]) -> None:
+    """Same trajectory as torch.optim.SGD with the hyperparameters changed every step."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, dtype=torch.float64, generator=g)
+    target = torch.randn(6, dtype=torch.float64, generator=g)
+
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.0)
+    for lr, mu, wd in hps:
+        for group in opt.param_groups:
+            group.update(lr=lr, momentum=mu, weight_decay=wd)
+        opt.zero_grad()
+        ((w - target) ** 4).sum().backward()
+        opt.step()
+
+    theta, v = w0.clone(), torch.zeros_like(w0)
+    for lr, mu, wd in hps:
+        grad = 4 * (theta - target) ** 3
+        f64 = {"dtype": torch.float64}
+        theta, v = sgd_step(
+            theta, v, grad, torch.tensor(lr, **f64), torch.tensor(mu, **f64), torch.tensor(wd, **f64)
+        )
+    torch.testing.assert_close(theta, w.detach(), rtol=1e-14, atol=1e-14)
+
+
+def test_flat_task_roundtrip(digits_small) -> None:
+    flat = FlatTask(digits_small)
+    params, _ = digits_small.init_params()
+    theta = flat.flatten(params)
+    assert theta.shape == (flat.n_params,) and flat.n_params == 64 * 12 + 12 + 12 * 10 + 10
+    back = flat.unflatten(theta)
+    assert all(torch.equal(back[k], params[k]) for k in params)
+
+
+# -- tasks -------------------------------------------------------------------------------------
+def test_digits_splits_and_standardisation() -> None:
+    task = small_digits(n_train=None, batch_size=128)
+    sizes = {k: len(v[1]) for k, v in task.data.items()}
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == 360 and sizes["val"] == 288
+    x = task.data["train"][0]
+    assert float(x.mean(0).abs().max()) < 1e-10
+    assert set(task.data["train"][1].unique().tolist()) == set(range(10))
+    assert task.batches_per_epoch == sizes["train"] // 128
+
+
+def test_seed_fixes_weights_and_batches() -> None:
+    a, b, c = small_digits(seed=1), small_digits(seed=1), small_digits(seed=2)
+    pa, pb, pc = a.init_params()[0], b.init_params()[0], c.init_params()[0]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["0.weight"], pc["0.weight"])
+    assert torch.equal(a.batch(5)[1], b.batch(5)[1])
+    assert not torch.equal(a.batch(5)[1], c.batch(5)[1])
+    d = a.with_seed(2)
+    assert torch.equal(d.init_params()[0]["0.weight"], pc["0.weight"])
+    assert torch.equal(d.batch(5)[1], c.batch(5)[1])
+
+
+def test_epochs_are_permutations(digits_small) -> None:
+    per_epoch = digits_small.batches_per_epoch
+    seen = torch.cat([digits_small.batch(t)[1] for t in range(per_epoch)])
+    assert len(seen) == per_epoch * digits_small.batch_size
+    x_all = torch.cat([digits_small.batch(t)[0] for t in range(per_epoch)])
+    assert len(torch.unique(x_all, dim=0)) == len(x_all)  # no example twice in an epoch
+
+
+def test_training_learns_digits() -> None:
+    task = small_digits(n_train=None, batch_size=64, hidden=(32,), activation="relu")
+    flat, state = fit(task, make_schedule(100, 1).replace(
+        {"lr": torch.tensor([0.1], dtype=torch.float64),
+         "momentum": torch.tensor([0.9], dtype=torch.float64),
+         "weight_decay": torch.tensor([5e-4], dtype=torch.float64)}))
+    assert flat.evaluate(state, "test")["accuracy"] > 0.9
+
+
+def test_bad_task_arguments() -> None:
+    with pytest.raises(ConfigError, match="task.batch_size=1000"):
+        small_digits(n_train=100, batch_size=1000)
+    with pytest.raises(ConfigError, match="task.activation='swish'"):
+        small_digits(activation="swish")
+    with pytest.raises(ConfigError, match="task.val_fraction=1.5"):
+        small_digits(val_fraction=1.5)
+    with pytest.raises(ConfigError, match="task.dim=0"):
+        quadratic(dim=0)
+
+
+# -- outer optimisers --------------------------------------------------------------------------
+def _schedule(values: list[float], bounds=(0.0, 1.0)) -> HyperSchedule:
+    specs = {
+        n: HyperSpec(len(values), bounds, learn=(n == "lr")) for n in HYPERPARAMETERS
+    }
+    return HyperSchedule(10, specs, {"lr": values, "momentum": 0.0, "weight_decay": 0.0})
+
+
+def test_sign_descent_halves_on_flip_and_projects() -> None:
+    opt = SignDescent({"lr": 0.1})
+    s = _schedule([0.0, 0.5])
+    state = opt.init(s)
+    f64 = {"dtype": torch.float64}
+    s, state = opt.step(s, {"lr": torch.tensor([-3.0, 2.0], **f64)}, state)
+    assert s.values["lr"].tolist() == pytest.approx([0.1, 0.4])
+    s, state = opt.step(s, {"lr": torch.tensor([-1.0, -2.0], **f64)}, state)  # second flips
+    assert s.values["lr"].tolist() == pytest.approx([0.2, 0.45])
+    assert state["step"]["lr"].tolist() == pytest.approx([0.1, 0.05])
+    s, state = opt.step(s, {"lr": torch.tensor([5.0, 1.0], **f64)}, state)
+    assert s.values["lr"].tolist() == pytest.approx([0.15, 0.425])
+    low = _schedule([0.01])
+    s2, _ = opt.step(low, {"lr": torch.tensor([1.0], **f64)}, opt.init(low))
+    assert s2.values["lr"].tolist() == [0.0]  # projected to the lower bound
+    assert opt.converged(s, s, {"step": {"lr": torch.tensor([1e-4, 1e-4])}}, 0.05)
+    assert not opt.converged(s, s, {"step": {"lr": torch.tensor([1e-4, 0.1])}}, 0.05)
+    assert opt.backtrack(state)["step"]["lr"].tolist() == pytest.approx([0.025, 0.0125])
+
+
+def test_adam_and_sgd_move_against_the_gradient() -> None:
+    g = {"lr": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+    for opt in (Adam({"lr": 0.01}), SGD({"lr": 0.01})):
+        s = _schedule([0.5, 0.5])
+        new, _ = opt.step(s, g, opt.init(s))
+        assert new.values["lr"].tolist() == pytest.approx([0.49, 0.51])
+
+
+def test_clip_by_norm() -> None:
+    g = {"lr": torch.tensor([3.0, 4.0]), "momentum": torch.tensor([0.3, 0.4])}
+    c = clip_by_norm(g, 1.0)
+    assert float(c["lr"].norm()) == pytest.approx(1.0)
+    assert torch.equal(c["momentum"], g["momentum"])
+    assert clip_by_norm(g, None)["lr"] is g["lr"]
+
+
+def test_optimiser_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"outer.step_size.lr=-0.1"):
+        SignDescent({"lr": -0.1})
+    with pytest.raises(ConfigError, match=r"outer.lr.momentum='x'"):
+        Adam({"lr": 0.1, "momentum": "x"})
+    with pytest.raises(ConfigError, match="no entry for lr"):
+        SignDescent({"momentum": 0.1}).init(_schedule([0.1]))

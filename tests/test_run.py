@@ -1,0 +1,201 @@
+"""End to end: the outer loop, results.json, plots, checkpoints, W&B files, the CLI, the wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import metahpo
+from estimators.forward import ForwardMode
+from metahpo.core import DivergenceError
+from tests.wandb_files import read_run
+
+QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_public_api_hypergradient_matches_the_estimator() -> None:
+    cfg = metahpo.compose(["task=quadratic", "schedule.lr.init=0.1", "schedule.momentum.init=0.5"])
+    hg = metahpo.hypergradient(cfg)
+    assert hg.grads["lr"].shape == (cfg.schedule.lr.segments,)
+    from metahpo.build import build
+
+    setup = build(cfg)
+    again = ForwardMode().hypergradient(setup.task, setup.schedule)
+    assert hg.meta_loss == again.meta_loss
+    for n in metahpo.HYPERPARAMETERS:
+        assert torch.equal(hg.grads[n], again.grads[n])
+
+
+def test_run_writes_documented_results(tmp_path: Path) -> None:
+    cfg = metahpo.compose([*QUICK, "outer.steps=4", "final.seeds=[0,1]"])
+    out = metahpo.run(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(out))
+    assert out["schema_version"] == 1
+    assert (out["estimator"], out["task"], out["seed"], out["horizon"]) == (
+        "forward", "quadratic", 0, 20
+    )
+    assert out["stopped"] in ("max_steps", "converged")
+    steps = [h for h in out["history"] if h["hypergradient"] is not None]
+    assert len(steps) == out["outer_steps"] <= 4
+    for h in steps:
+        assert set(h) >= {"meta_loss", "hypergradient", "seconds", "peak_memory_mb", "schedule"}
+        assert len(h["hypergradient"]["lr"]) == 2
+    # from all-zero hyperparameters the meta-loss falls
+    assert min(h["meta_loss"] for h in out["history"]) < 0.5 * out["history"][0]["meta_loss"]
+    assert out["learned_schedule"]["lr"]["values"] == next(
+        h["schedule"]["lr"] for h in out["history"] if h["outer_step"] == out["selected_outer_step"]
+    )
+    for label in ("learned", "baseline"):
+        final = out["final"][label]
+        assert len(final["per_seed"]) == 2 and final["test_loss"] > 0
+        assert final["test_accuracy"] is None  # regression
+    assert out["final"]["learned"]["test_loss"] < out["history"][0]["meta_loss"]
+    for name in ("schedules.png", "meta_loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "horizon: 20" in (tmp_path / "config.yaml").read_text()
+    assert out["wall_time_seconds"] > 0
+
+
+def test_digits_reports_accuracy(tmp_path: Path) -> None:
+    cfg = metahpo.compose(["experiment=smoke", "progress=false", "task.n_train=256"])
+    out = metahpo.run(cfg, tmp_path)
+    for label in ("learned", "baseline"):
+        assert 0.0 < out["final"][label]["test_accuracy"] <= 1.0
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in out["history"])
+    assert "learned" in metahpo.runner.format_table(out)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
+    args = [*QUICK, "outer.steps=4"]
+    straight = metahpo.run(metahpo.compose(args), tmp_path / "straight")
+
+    calls = {"n": 0}
+    original = ForwardMode.hypergradient
+
+    def killed_at_third(self, task, schedule):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, task, schedule)
+
+    monkeypatch.setattr(ForwardMode, "hypergradient", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        metahpo.run(metahpo.compose(args), tmp_path / "killed")
+    partial = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert partial["stopped"] == "interrupted" and len(partial["history"]) == 2
+    monkeypatch.setattr(ForwardMode, "hypergradient", original)
+
+    resumed = metahpo.run(
+        metahpo.compose([*args, f"resume={tmp_path / 'killed'}"]), tmp_path / "resumed"
+    )
+    assert resumed["learned_schedule"] == straight["learned_schedule"]
+    assert [h["meta_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["meta_loss"] for h in straight["history"]], rel=1e-12
+    )
+
+
+def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
+    metahpo.run(metahpo.compose([*QUICK, "outer.steps=1"]), tmp_path / "a")
+    cfg = metahpo.compose([*QUICK, "schedule.lr.segments=4", f"resume={tmp_path / 'a'}"])
+    with pytest.raises(metahpo.ConfigError, match="checkpoint has 2 lr segments"):
+        metahpo.run(cfg)
+    with pytest.raises(metahpo.ConfigError, match="no checkpoint.pt there"):
+        metahpo.run(metahpo.compose([*QUICK, f"resume={tmp_path / 'missing'}"]))
+
+
+def test_divergence_backtracks_then_recovers(tmp_path: Path) -> None:
+    # a sign step of 9 in lr overflows the run; the loop halves its way back
+    cfg = metahpo.compose(
+        [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "outer.steps=3",
+         "outer.optimizer.step_size.lr=9.0", "schedule.momentum.learn=false",
+         "schedule.weight_decay.learn=false"]
+    )
+    out = metahpo.run(cfg, tmp_path)
+    assert out["backtracks"] >= 1
+    scored = [h["meta_loss"] for h in out["history"] if not h.get("diverged")]
+    assert scored and all(torch.isfinite(torch.tensor(scored, dtype=torch.float64)))
+    assert out["learned_schedule"]["lr"]["values"][0] < 9.0
+
+
+def test_diverging_initial_schedule_is_a_clear_error() -> None:
+    cfg = metahpo.compose([*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]",
+                           "schedule.lr.init=9.0"])
+    with pytest.raises(DivergenceError, match="inner training diverged") as err:
+        metahpo.run(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_wandb_offline_run_files(tmp_path: Path) -> None:
+    cfg = metahpo.compose([*QUICK, "outer.steps=3", "logger=wandb", f"logger.dir={tmp_path}"])
+    out = metahpo.run(cfg, tmp_path / "run")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = read_run(run_dir)
+    steps = [h for h in logged["history"] if "meta_loss" in h]
+    expected = [h["meta_loss"] for h in out["history"] if h["hypergradient"] is not None]
+    assert [h["meta_loss"] for h in steps] == pytest.approx(expected)
+    assert steps[0]["lr/0"] == 0.0 and "hypergrad_norm/lr" in steps[0]
+    assert logged["summary"]["learned/test_loss"] == pytest.approx(
+        out["final"]["learned"]["test_loss"]
+    )
+    assert logged["config"]["horizon"] == 20
+    assert logged["config"]["task"]["_target_"] == "tasks.quadratic.Quadratic"
+
+
+def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = [sys.executable, "-m", "metahpo"] if module else [str(Path(sys.executable).with_name("metahpo"))]
+    proc = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("module", [True, False], ids=["python -m metahpo", "metahpo"])
+def test_cli_run_prints_the_table_and_writes_the_run(tmp_path: Path, module: bool) -> None:
+    proc = _cli([*QUICK, f"hydra.run.dir={tmp_path}/run"], tmp_path, module=module)
+    assert "learned" in proc.stdout and "baseline" in proc.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["task"] == "quadratic"
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_cli_multirun_gives_one_run_per_value(tmp_path: Path) -> None:
+    _cli(["-m", *QUICK, "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    seeds = sorted(
+        json.loads(p.read_text())["seed"] for p in (tmp_path / "sweep").glob("*/results.json")
+    )
+    assert seeds == [0, 1]
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("metahpo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "metahpo/configs/config.yaml" in names
+    assert "metahpo/configs/estimator/forward.yaml" in names
+    assert any(n.startswith("estimators/") for n in names)
+    assert any(n.startswith("tasks/") for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import metahpo, metahpo.config as c; "
+        "print(c.config_dir()); print(metahpo.compose(['task=quadratic']).horizon)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    assert lines[0] == str(site / "metahpo" / "configs") and lines[1] == "50"
