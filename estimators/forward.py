@@ -194,5 +194,7 @@ def _batched_vjp(out: Tensor, inp: Tensor, vs: Tensor, chunk: int | None) -> Ten
     return torch.cat(parts)
 
 
-def _grad_and_value(fn: Callable[[Tensor, dict], Tensor], state: InnerState) -> tuple[Tensor, Tensor]:
+def _grad_and_value(
+    fn: Callable[[Tensor, dict], Tensor], state: InnerState
+) -> tuple[Tensor, Tensor]:
     return torch.func.grad_and_value(fn)(state.theta, state.buffers)

@@ -1,10 +1,10 @@
 """metahpo: learn hyperparameter schedules by gradient descent on the final validation loss.
 
-    import metahpo
-    cfg = metahpo.compose(["estimator=forward", "task=digits"])  # the CLI's overrides
-    hg = metahpo.hypergradient(cfg)    # at the schedule's initial values
-    hg.meta_loss, hg.grads["lr"]       # tensor [n_lr_segments]
-    out = metahpo.run(cfg)             # the whole outer loop; the same dict as results.json
+import metahpo
+cfg = metahpo.compose(["estimator=forward", "task=digits"])  # the CLI's overrides
+hg = metahpo.hypergradient(cfg)    # at the schedule's initial values
+hg.meta_loss, hg.grads["lr"]       # tensor [n_lr_segments]
+out = metahpo.run(cfg)             # the whole outer loop; the same dict as results.json
 """
 
 from metahpo.config import compose

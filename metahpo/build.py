@@ -47,7 +47,9 @@ def schedule_from_config(cfg: DictConfig, horizon: int) -> HyperSchedule:
         c = cfg[name]
         specs[name] = HyperSpec(int(c.segments), (float(c.bounds[0]), float(c.bounds[1])), c.learn)
         init = c.init
-        values[name] = [float(v) for v in init] if not isinstance(init, int | float) else float(init)
+        values[name] = (
+            [float(v) for v in init] if not isinstance(init, int | float) else float(init)
+        )
     return HyperSchedule(horizon, specs, values)
 
 

@@ -42,7 +42,9 @@ def check_overrides(overrides: Sequence[str]) -> None:
     from hydra.errors import HydraException
 
     overrides = list(overrides)
-    if any(o.lstrip("+~").startswith(("hydra.searchpath", "--config-dir", "-cd")) for o in overrides):
+    if any(
+        o.lstrip("+~").startswith(("hydra.searchpath", "--config-dir", "-cd")) for o in overrides
+    ):
         return
     try:
         parsed = OverridesParser.create().parse_overrides(
@@ -92,7 +94,9 @@ def _int(cfg: DictConfig, key: str, *, low: int, high: int | None = None, what: 
     return int(v)
 
 
-def _number(cfg: DictConfig, key: str, *, low: float | None = None, allow_none: bool = False) -> None:
+def _number(
+    cfg: DictConfig, key: str, *, low: float | None = None, allow_none: bool = False
+) -> None:
     v = OmegaConf.select(cfg, key)
     if v is None and allow_none:
         return
@@ -122,8 +126,10 @@ def validate(cfg: DictConfig) -> None:
     if decay not in ("constant", "cosine"):
         raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")
     seeds = OmegaConf.select(cfg, "final.seeds")
-    if not isinstance(seeds, ListConfig) or not seeds or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    if (
+        not isinstance(seeds, ListConfig)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
     for group in ("task", "estimator", "logger"):
@@ -153,10 +159,8 @@ def _validate_schedule(cfg: DictConfig, horizon: int) -> None:
         init = OmegaConf.select(cfg, f"{key}.init")
         values = list(init) if isinstance(init, ListConfig) else [init]
         if not all(_is_number(v) for v in values) or len(values) not in (1, n):
-            raise ConfigError(
-                f"{key}.init={OmegaConf.to_container(init) if isinstance(init, ListConfig) else init!r} "
-                f"must be a number or a list of {n} numbers"
-            )
+            shown = OmegaConf.to_container(init) if isinstance(init, ListConfig) else repr(init)
+            raise ConfigError(f"{key}.init={shown} must be a number or a list of {n} numbers")
         if any(not lo <= v <= hi for v in values):
             raise ConfigError(f"{key}.init={values} lies outside {key}.bounds=[{lo}, {hi}]")
         learn = OmegaConf.select(cfg, f"{key}.learn")
@@ -176,7 +180,6 @@ def _validate_outer(cfg: DictConfig) -> None:
     clip = OmegaConf.select(cfg, "outer.clip")
     if clip is not None and (not _is_number(clip) or clip <= 0):
         raise ConfigError(f"outer.clip={clip!r} must be a positive number (or null: no clipping)")
-    if OmegaConf.select(cfg, "outer.select") not in ("best", "last"):
-        raise ConfigError(
-            f"outer.select={OmegaConf.select(cfg, 'outer.select')!r} is unknown; allowed: best, last"
-        )
+    select = OmegaConf.select(cfg, "outer.select")
+    if select not in ("best", "last"):
+        raise ConfigError(f"outer.select={select!r} is unknown; allowed: best, last")

@@ -58,7 +58,7 @@ class Task(Protocol):
         ...
 
     def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
-        """Buffers after a training step on ``batch`` (batch-norm statistics); not differentiated."""
+        """Buffers after a training step on ``batch`` (batch-norm statistics); no gradient."""
         ...
 
     def val_loss(self, params: Params, buffers: Buffers) -> Tensor:

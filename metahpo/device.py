@@ -30,9 +30,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[str(name)]
     except KeyError:
-        raise ConfigError(
-            f"dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}"
-        ) from None
+        raise ConfigError(f"dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}") from None
 
 
 def _rss_bytes() -> int:

@@ -20,7 +20,12 @@ from metahpo.schedule import HyperSchedule
 
 
 def sgd_step(
-    theta: Tensor, velocity: Tensor, grad: Tensor, lr: Tensor, momentum: Tensor, weight_decay: Tensor
+    theta: Tensor,
+    velocity: Tensor,
+    grad: Tensor,
+    lr: Tensor,
+    momentum: Tensor,
+    weight_decay: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """One step of ``torch.optim.SGD`` (dampening 0, no Nesterov) as a pure function.
 
@@ -135,7 +140,9 @@ def train(
         batch = flat.task.batch(t)
         g = grad_fn(t, state, batch)
         theta, velocity = sgd_step(state.theta, state.velocity, g, lr[t], mom[t], wd[t])
-        new = InnerState(theta, velocity, flat.next_buffers(state.theta, state.buffers, batch), t + 1)
+        new = InnerState(
+            theta, velocity, flat.next_buffers(state.theta, state.buffers, batch), t + 1
+        )
         if on_step is not None:
             on_step(t, state, new, batch)
         state = new

@@ -42,7 +42,9 @@ class WandbLogger:
         from metahpo.core import ConfigError
 
         if mode not in ("online", "offline", "disabled"):
-            raise ConfigError(f"logger.mode={mode!r} is unknown; allowed: online, offline, disabled")
+            raise ConfigError(
+                f"logger.mode={mode!r} is unknown; allowed: online, offline, disabled"
+            )
         self.kwargs = dict(project=project, entity=entity, mode=mode, group=group, tags=list(tags))
         self.dir = dir
         self.run: Any = None

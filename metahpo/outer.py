@@ -56,7 +56,9 @@ class SignDescent:
         if missing:
             raise ConfigError(f"outer.optimizer.step_size has no entry for {', '.join(missing)}")
         return {
-            "step": {n: torch.full_like(schedule.values[n], self.step_size[n]) for n in schedule.learned},
+            "step": {
+                n: torch.full_like(schedule.values[n], self.step_size[n]) for n in schedule.learned
+            },
             "sign": {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned},
         }
 
@@ -74,7 +76,9 @@ class SignDescent:
             signs[n] = torch.where(sign == 0, state["sign"][n], sign)
         return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
 
-    def converged(self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float) -> bool:
+    def converged(
+        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
+    ) -> bool:
         return all(
             bool((state["step"][n] < frac * after.values[n].abs()).all()) for n in after.learned
         )
@@ -114,7 +118,9 @@ class Adam:
             new_values[n] = schedule.values[n] - update
         return schedule.replace(new_values).project(), {**state, "m": m, "v": v, "t": t}
 
-    def converged(self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float) -> bool:
+    def converged(
+        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
+    ) -> bool:
         return _small_change(before, after, frac)
 
     def backtrack(self, state: State) -> State:
@@ -141,7 +147,9 @@ class SGD:
         }
         return schedule.replace(new).project(), state
 
-    def converged(self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float) -> bool:
+    def converged(
+        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
+    ) -> bool:
         return _small_change(before, after, frac)
 
     def backtrack(self, state: State) -> State:

@@ -16,9 +16,7 @@ from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
 LABELS = {"lr": "learning rate", "momentum": "momentum", "weight_decay": "weight decay"}
 
 
-def plot_schedules(
-    schedules: dict[str, HyperSchedule], path: Path, title: str = ""
-) -> Path:
+def plot_schedules(schedules: dict[str, HyperSchedule], path: Path, title: str = "") -> Path:
     """One panel per hyperparameter type, value per inner step, one line per named schedule."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, name in zip(axes, HYPERPARAMETERS, strict=True):

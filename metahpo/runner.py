@@ -75,7 +75,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             results = _results(cfg, setup, loop, None, time.perf_counter() - started)
             files = _write(out_dir, results, setup, loop)
             where = f" resume={out_dir}" if out_dir else ""
-            log.warning("interrupted after %d outer steps; continue with%s", len(loop.history), where)
+            log.warning(
+                "interrupted after %d outer steps; continue with%s", len(loop.history), where
+            )
             raise
         final = _final_evaluation(cfg, setup, loop.learned)
         results = _results(cfg, setup, loop, final, time.perf_counter() - started)
@@ -270,7 +272,11 @@ def _values(schedule: HyperSchedule) -> dict[str, list[float]]:
 
 
 def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
-    m = {k: entry[k] for k in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb") if entry.get(k) is not None}
+    m = {
+        k: entry[k]
+        for k in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb")
+        if entry.get(k) is not None
+    }
     for n, g in (entry.get("hypergradient") or {}).items():
         m[f"hypergrad_norm/{n}"] = float(torch.tensor(g).norm())
     for n, vals in entry["schedule"].items():
@@ -347,7 +353,9 @@ def format_table(results: dict[str, Any]) -> str:
     for label in ("learned", "baseline"):
         r = final.get(label, {})
         acc = r.get("test_accuracy")
-        acc_s = f"{100 * acc:6.2f} ± {100 * r['test_accuracy_std']:.2f}" if acc is not None else "n/a"
+        acc_s = (
+            f"{100 * acc:6.2f} ± {100 * r['test_accuracy_std']:.2f}" if acc is not None else "n/a"
+        )
         loss = r.get("test_loss")
         loss_s = f"{loss:.4f} ± {r['test_loss_std']:.4f}" if loss is not None else "diverged"
         rows.append(f"{label:<10} {acc_s:>14} {loss_s:>16}")

@@ -86,8 +86,7 @@ class HyperSchedule:
         """Per-step values of every type: ``{name: Tensor[T]}`` (what the inner loop reads)."""
         values = values or {}
         return {
-            n: self.per_step(n, values.get(n), device=device, dtype=dtype)
-            for n in HYPERPARAMETERS
+            n: self.per_step(n, values.get(n), device=device, dtype=dtype) for n in HYPERPARAMETERS
         }
 
     def replace(self, values: Mapping[str, Tensor]) -> HyperSchedule:
@@ -95,9 +94,7 @@ class HyperSchedule:
 
     def project(self) -> HyperSchedule:
         """Clip every value into its bounds (weight decay never negative by default)."""
-        return self.replace(
-            {n: v.clamp(*self.specs[n].bounds) for n, v in self.values.items()}
-        )
+        return self.replace({n: v.clamp(*self.specs[n].bounds) for n, v in self.values.items()})
 
     def n_columns(self) -> int:
         return sum(self.specs[n].n_segments for n in self.learned)

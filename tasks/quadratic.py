@@ -43,8 +43,9 @@ class Quadratic(SupervisedTask):
         if dim < 1:
             raise ConfigError(f"task.dim={dim} must be a positive integer")
         g = torch.Generator().manual_seed(data_seed)
-        scales = torch.logspace(0, -0.5 * torch.log10(torch.tensor(float(condition))), dim,
-                                dtype=torch.float64)
+        scales = torch.logspace(
+            0, -0.5 * torch.log10(torch.tensor(float(condition))), dim, dtype=torch.float64
+        )
         self.w_star = torch.randn(dim, generator=g, dtype=torch.float64)
 
         def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:

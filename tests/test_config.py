@@ -50,7 +50,10 @@ BAD = [
     (["horizon=-5"], "horizon=-5 must be an integer >= 1"),
     (["horizon=abc"], "horizon='abc' must be an integer >= 1"),
     (["schedule.lr.init=abc"], "schedule.lr.init='abc' must be a number or a list of 10 numbers"),
-    (["schedule.lr.init=[0.1,0.2]"], "schedule.lr.init=[0.1, 0.2] must be a number or a list of 10"),
+    (
+        ["schedule.lr.init=[0.1,0.2]"],
+        "schedule.lr.init=[0.1, 0.2] must be a number or a list of 10",
+    ),
     (["schedule.lr.init=2.0"], "schedule.lr.init=[2.0] lies outside schedule.lr.bounds=[0.0, 1.0]"),
     (["schedule.lr.learn=maybe"], "schedule.lr.learn='maybe' must be true or false"),
     (["outer.steps=-1"], "outer.steps=-1 must be an integer >= 0"),
@@ -62,8 +65,11 @@ BAD = [
     (["baseline.lr=fast"], "baseline.lr='fast' must be a number >= 0.0"),
     (["seed=-1"], "seed=-1 must be an integer >= 0"),
     (
-        ["schedule.lr.learn=false", "schedule.momentum.learn=false",
-         "schedule.weight_decay.learn=false"],
+        [
+            "schedule.lr.learn=false",
+            "schedule.momentum.learn=false",
+            "schedule.weight_decay.learn=false",
+        ],
         "nothing to learn",
     ),
     (["horizon=="], "could not parse the overrides"),
@@ -116,9 +122,18 @@ def test_bad_plugin_arguments_fail_before_training(
 )
 def test_cli_reports_bad_input_in_one_line(args: list[str], message: str, tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "metahpo", *args, f"hydra.run.dir={tmp_path}/run",
-         f"hydra.sweep.dir={tmp_path}/sweep"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "metahpo",
+            *args,
+            f"hydra.run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("metahpo: error")]

@@ -68,7 +68,12 @@ def test_sgd_step_is_torch_optim_sgd(hps: list[tuple[float, float, float]]) -> N
         grad = 4 * (theta - target) ** 3
         f64 = {"dtype": torch.float64}
         theta, v = sgd_step(
-            theta, v, grad, torch.tensor(lr, **f64), torch.tensor(mu, **f64), torch.tensor(wd, **f64)
+            theta,
+            v,
+            grad,
+            torch.tensor(lr, **f64),
+            torch.tensor(mu, **f64),
+            torch.tensor(wd, **f64),
         )
     torch.testing.assert_close(theta, w.detach(), rtol=1e-14, atol=1e-14)
 
@@ -116,10 +121,16 @@ def test_epochs_are_permutations(digits_small) -> None:
 
 def test_training_learns_digits() -> None:
     task = small_digits(n_train=None, batch_size=64, hidden=(32,), activation="relu")
-    flat, state = fit(task, make_schedule(100, 1).replace(
-        {"lr": torch.tensor([0.1], dtype=torch.float64),
-         "momentum": torch.tensor([0.9], dtype=torch.float64),
-         "weight_decay": torch.tensor([5e-4], dtype=torch.float64)}))
+    flat, state = fit(
+        task,
+        make_schedule(100, 1).replace(
+            {
+                "lr": torch.tensor([0.1], dtype=torch.float64),
+                "momentum": torch.tensor([0.9], dtype=torch.float64),
+                "weight_decay": torch.tensor([5e-4], dtype=torch.float64),
+            }
+        ),
+    )
     assert flat.evaluate(state, "test")["accuracy"] > 0.9
 
 
@@ -136,9 +147,7 @@ def test_bad_task_arguments() -> None:
 
 # -- outer optimisers --------------------------------------------------------------------------
 def _schedule(values: list[float], bounds=(0.0, 1.0)) -> HyperSchedule:
-    specs = {
-        n: HyperSpec(len(values), bounds, learn=(n == "lr")) for n in HYPERPARAMETERS
-    }
+    specs = {n: HyperSpec(len(values), bounds, learn=(n == "lr")) for n in HYPERPARAMETERS}
     return HyperSchedule(10, specs, {"lr": values, "momentum": 0.0, "weight_decay": 0.0})
 
 

@@ -90,8 +90,11 @@ def test_closed_form_one_weight_gradient_descent() -> None:
     horizon, lr = 20, 0.3
     f64 = {"dtype": torch.float64}
     schedule = make_schedule(horizon, 1, learn=("lr",)).replace(
-        {"lr": torch.tensor([lr], **f64), "momentum": torch.zeros(1, **f64),
-         "weight_decay": torch.zeros(1, **f64)}
+        {
+            "lr": torch.tensor([lr], **f64),
+            "momentum": torch.zeros(1, **f64),
+            "weight_decay": torch.zeros(1, **f64),
+        }
     )
     (xt, yt), (xv, yv) = task.data["train"], task.data["val"]
     a, b = float((xt[:, 0] ** 2).mean()), float((xt[:, 0] * yt).mean())

@@ -40,7 +40,10 @@ def test_run_writes_documented_results(tmp_path: Path) -> None:
     assert on_disk == json.loads(json.dumps(out))
     assert out["schema_version"] == 1
     assert (out["estimator"], out["task"], out["seed"], out["horizon"]) == (
-        "forward", "quadratic", 0, 20
+        "forward",
+        "quadratic",
+        0,
+        20,
     )
     assert out["stopped"] in ("max_steps", "converged")
     steps = [h for h in out["history"] if h["hypergradient"] is not None]
@@ -114,9 +117,15 @@ def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
 def test_divergence_backtracks_then_recovers(tmp_path: Path) -> None:
     # a sign step of 9 in lr overflows the run; the loop halves its way back
     cfg = metahpo.compose(
-        [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "outer.steps=3",
-         "outer.optimizer.step_size.lr=9.0", "schedule.momentum.learn=false",
-         "schedule.weight_decay.learn=false"]
+        [
+            *QUICK,
+            "horizon=200",
+            "schedule.lr.bounds=[0,10]",
+            "outer.steps=3",
+            "outer.optimizer.step_size.lr=9.0",
+            "schedule.momentum.learn=false",
+            "schedule.weight_decay.learn=false",
+        ]
     )
     out = metahpo.run(cfg, tmp_path)
     assert out["backtracks"] >= 1
@@ -126,8 +135,9 @@ def test_divergence_backtracks_then_recovers(tmp_path: Path) -> None:
 
 
 def test_diverging_initial_schedule_is_a_clear_error() -> None:
-    cfg = metahpo.compose([*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]",
-                           "schedule.lr.init=9.0"])
+    cfg = metahpo.compose(
+        [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "schedule.lr.init=9.0"]
+    )
     with pytest.raises(DivergenceError, match="inner training diverged") as err:
         metahpo.run(cfg)
     assert "\n" not in str(err.value)
@@ -150,7 +160,11 @@ def test_wandb_offline_run_files(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:
-    exe = [sys.executable, "-m", "metahpo"] if module else [str(Path(sys.executable).with_name("metahpo"))]
+    exe = (
+        [sys.executable, "-m", "metahpo"]
+        if module
+        else [str(Path(sys.executable).with_name("metahpo"))]
+    )
     proc = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -176,9 +190,21 @@ def test_cli_multirun_gives_one_run_per_value(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("metahpo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -193,8 +219,12 @@ def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
         "print(c.config_dir()); print(metahpo.compose(['task=quadratic']).horizon)"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split()

@@ -60,7 +60,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             out["history"].append(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
             )
         elif kind == "summary":
             for i in rec.summary.update:
