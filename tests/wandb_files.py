@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         if kind == 0 and length == 0:  # zero padding to the end of the block
             pos += space
             continue
+        if pos + HEADER.size + length > len(data):  # still being written
+            return
         body = data[pos + HEADER.size : pos + HEADER.size + length]
         if zlib.crc32(bytes([kind]) + body) != crc:
             raise ValueError(f"corrupt record at byte {pos}")
@@ -50,13 +53,30 @@ def _chunks(data: bytes) -> Iterator[bytes]:
             yield pending + body
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
+def _records(path: Path, timeout: float) -> list[Any]:
+    """The file's records, once W&B's core has written the closing ``exit`` record.
+
+    ``run.finish()`` can return before the core process has flushed the file to disk.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for chunk in _chunks(path.read_bytes()):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(chunk)
+            records.append(rec)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.2)
+
+
+def read_run(run_dir: Path, timeout: float = 60.0) -> dict[str, Any]:
     """``{"history": [{key: value}], "summary": {key: value}, "config": {key: value}}``."""
     (path,) = Path(run_dir).glob("run-*.wandb")
     out: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
-    for chunk in _chunks(path.read_bytes()):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(chunk)
+    for rec in _records(path, timeout):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             out["history"].append(
