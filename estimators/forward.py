@@ -142,13 +142,13 @@ class ForwardMode:
 
         state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
         g_val, meta_loss = _grad_and_value(flat.val_loss, state)
-        total = Z @ g_val
+        total = (Z @ g_val).to(device="cpu", dtype=torch.float64)
         grads = {
             name: torch.zeros(schedule.specs[name].n_segments, dtype=torch.float64)
             for name in schedule.values
         }
         for i, (_, name, k) in enumerate(cols):
-            grads[name][k] = total[i].item()
+            grads[name][k] = total[i]
         metrics = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
         return float(meta_loss), grads, metrics
 

@@ -8,12 +8,13 @@ the parameters, e.g. forward-mode tangents).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
+from tqdm.auto import tqdm
 
 from metahpo.core import Batch, Buffers, DivergenceError, Params, Task
 from metahpo.schedule import HyperSchedule
@@ -107,6 +108,7 @@ class FlatTask:
             return self.task.evaluate(self.unflatten(state.theta.detach()), state.buffers, split)
 
 
+PROGRESS_MIN_STEPS = 2000
 GradFn = Callable[[int, InnerState, Batch], Tensor]
 StepHook = Callable[[int, InnerState, InnerState, Batch], None]
 
@@ -136,7 +138,10 @@ def train(
     """
     grad_fn = grad_fn or flat.grad
     lr, mom, wd = table["lr"], table["momentum"], table["weight_decay"]
-    for t in range(state.step, stop):
+    steps: Iterable[int] = range(state.step, stop)
+    if stop - state.step >= PROGRESS_MIN_STEPS:  # long runs get a bar (on terminals only)
+        steps = tqdm(steps, desc="inner steps", unit="step", leave=False, disable=None)
+    for t in steps:
         batch = flat.task.batch(t)
         g = grad_fn(t, state, batch)
         theta, velocity = sgd_step(state.theta, state.velocity, g, lr[t], mom[t], wd[t])
