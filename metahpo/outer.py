@@ -29,6 +29,12 @@ def _positive_per_type(key: str, values: Mapping[str, float]) -> dict[str, float
     return out
 
 
+def _require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:
+    missing = [n for n in schedule.learned if n not in per_type]
+    if missing:
+        raise ConfigError(f"outer.optimizer.{key} has no entry for {', '.join(missing)}")
+
+
 def clip_by_norm(grads: Mapping[str, Tensor], max_norm: float | None) -> dict[str, Tensor]:
     """Scale each type's hypergradient so its L2 norm is at most ``max_norm``."""
     if max_norm is None:
@@ -52,9 +58,7 @@ class SignDescent:
         self.halve_on_flip = halve_on_flip
 
     def init(self, schedule: HyperSchedule) -> State:
-        missing = [n for n in schedule.learned if n not in self.step_size]
-        if missing:
-            raise ConfigError(f"outer.optimizer.step_size has no entry for {', '.join(missing)}")
+        _require_types("step_size", self.step_size, schedule)
         return {
             "step": {
                 n: torch.full_like(schedule.values[n], self.step_size[n]) for n in schedule.learned
@@ -87,7 +91,23 @@ class SignDescent:
         return {**state, "step": {n: s / 2 for n, s in state["step"].items()}}
 
 
-class Adam:
+class _ScaledStep:
+    """Optimisers whose step is scaled by ``state["scale"]``: halved when backtracking."""
+
+    def converged(
+        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
+    ) -> bool:
+        """Every value moved by less than ``frac`` of its magnitude."""
+        return all(
+            bool(((after.values[n] - before.values[n]).abs() < frac * after.values[n].abs()).all())
+            for n in after.learned
+        )
+
+    def backtrack(self, state: State) -> State:
+        return {**state, "scale": state["scale"] / 2}
+
+
+class Adam(_ScaledStep):
     """Adam on the shared values, with a learning rate per hyperparameter type."""
 
     def __init__(
@@ -98,9 +118,7 @@ class Adam:
         self.eps = eps
 
     def init(self, schedule: HyperSchedule) -> State:
-        missing = [n for n in schedule.learned if n not in self.lr]
-        if missing:
-            raise ConfigError(f"outer.optimizer.lr has no entry for {', '.join(missing)}")
+        _require_types("lr", self.lr, schedule)
         zeros = {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned}
         return {"m": dict(zeros), "v": dict(zeros), "t": 0, "scale": 1.0}
 
@@ -118,25 +136,15 @@ class Adam:
             new_values[n] = schedule.values[n] - update
         return schedule.replace(new_values).project(), {**state, "m": m, "v": v, "t": t}
 
-    def converged(
-        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
-    ) -> bool:
-        return _small_change(before, after, frac)
 
-    def backtrack(self, state: State) -> State:
-        return {**state, "scale": state["scale"] / 2}
-
-
-class SGD:
+class SGD(_ScaledStep):
     """Plain gradient descent on the shared values, with a learning rate per type."""
 
     def __init__(self, lr: Mapping[str, float]) -> None:
         self.lr = _positive_per_type("lr", lr)
 
     def init(self, schedule: HyperSchedule) -> State:
-        missing = [n for n in schedule.learned if n not in self.lr]
-        if missing:
-            raise ConfigError(f"outer.optimizer.lr has no entry for {', '.join(missing)}")
+        _require_types("lr", self.lr, schedule)
         return {"scale": 1.0}
 
     def step(
@@ -146,18 +154,3 @@ class SGD:
             n: schedule.values[n] - state["scale"] * self.lr[n] * grads[n] for n in schedule.learned
         }
         return schedule.replace(new).project(), state
-
-    def converged(
-        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
-    ) -> bool:
-        return _small_change(before, after, frac)
-
-    def backtrack(self, state: State) -> State:
-        return {**state, "scale": state["scale"] / 2}
-
-
-def _small_change(before: HyperSchedule, after: HyperSchedule, frac: float) -> bool:
-    return all(
-        bool(((after.values[n] - before.values[n]).abs() < frac * after.values[n].abs()).all())
-        for n in after.learned
-    )

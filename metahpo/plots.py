@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
 
@@ -26,12 +27,7 @@ def plot_schedules(schedules: dict[str, HyperSchedule], path: Path, title: str =
         ax.set_xlabel("inner step")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -53,8 +49,12 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="center right")
+    return _save(fig, path, title)
+
+
+def _save(fig: Figure, path: Path, title: str) -> Path:
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
