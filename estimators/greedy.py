@@ -112,7 +112,10 @@ class Greedy:
                 record[name] = {str(k): float(g[k]) for k in g.nonzero().flatten().tolist()}
             windows.append(record)
             schedule = self._step(schedule, window.grads)
-        metrics = {"val_accuracy": flat.evaluate(state, "val")["accuracy"], "greedy_windows": windows}
+        metrics = {
+            "val_accuracy": flat.evaluate(state, "val")["accuracy"],
+            "greedy_windows": windows,
+        }
         return meta_loss, total, schedule, metrics
 
     def _step(self, schedule: HyperSchedule, grads: Mapping[str, Tensor]) -> HyperSchedule:

@@ -1,4 +1,4 @@
-"""Truncated reverse mode: backpropagate through the last K inner steps only (Shaban et al. 2019)."""
+"""Truncated reverse mode: backpropagate through the last K inner steps (Shaban et al. 2019)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class TruncatedReverse:
             flat = FlatTask(task)
             begin = schedule.horizon - self.K
             with torch.no_grad():
-                state = train(flat, schedule.table(task.device, task.dtype), flat.init_state(), begin)
+                state = train(
+                    flat, schedule.table(task.device, task.dtype), flat.init_state(), begin
+                )
             window = window_hypergradient(flat, schedule, state, schedule.horizon)
             val_accuracy = flat.evaluate(window.state, "val")["accuracy"]
         synchronize(task.device)

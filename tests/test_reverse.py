@@ -75,13 +75,14 @@ def test_stock_higher_sgd_drops_gradients_at_zero_values() -> None:
     schedule = make_schedule(6, 1, "zero_mom_wd")
     values = {n: schedule.values[n].clone().requires_grad_(True) for n in HYPERPARAMETERS}
     table = schedule.table(values=values)
+    names = [n for n, _ in task.model.named_parameters()]
     opt = torch.optim.SGD(task.model.parameters(), lr=0.0)
     with higher.innerloop_ctx(task.model, opt, copy_initial_weights=True) as (fmodel, diffopt):
         for t in range(schedule.horizon):
-            params = dict(zip([n for n, _ in task.model.named_parameters()], fmodel.parameters()))
+            params = dict(zip(names, fmodel.parameters(), strict=True))
             loss = task.train_loss(params, {}, task.batch(t))
             diffopt.step(loss, override={n: [table[n][t]] for n in HYPERPARAMETERS})
-        params = dict(zip([n for n, _ in task.model.named_parameters()], fmodel.parameters()))
+        params = dict(zip(names, fmodel.parameters(), strict=True))
         meta = task.val_loss(params, {})
         stock = torch.autograd.grad(meta, list(values.values()), allow_unused=True)
     assert stock[1] is None and stock[2] is None  # momentum, weight decay: lost
@@ -129,9 +130,12 @@ def test_truncation_bias_segment_by_segment(task_name: str) -> None:
     # per-step sharing: in-window steps exact, earlier steps zero
     trunc_steps = TruncatedReverse(K=K).hypergradient(task, per_step).grads
     for n in HYPERPARAMETERS:
-        assert torch.equal(trunc_steps[n][: horizon - K], torch.zeros(horizon - K, dtype=torch.float64))
-        torch.testing.assert_close(trunc_steps[n][horizon - K :], exact_steps[n][horizon - K :],
-                                   rtol=1e-10, atol=1e-14)
+        assert torch.equal(
+            trunc_steps[n][: horizon - K], torch.zeros(horizon - K, dtype=torch.float64)
+        )
+        torch.testing.assert_close(
+            trunc_steps[n][horizon - K :], exact_steps[n][horizon - K :], rtol=1e-10, atol=1e-14
+        )
 
 
 @pytest.mark.parametrize("K", [0, -3, 2.5, True, "4"])
@@ -145,8 +149,11 @@ def test_K_above_horizon_fails_before_any_training(monkeypatch, quad) -> None:
         raise AssertionError("trained before checking K")
 
     monkeypatch.setattr(quad, "batch", no_training)
-    with pytest.raises(ConfigError, match=r"^estimator\.K=13 must be an integer from 1 to the "
-                                          r"horizon \(12\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^estimator\.K=13 must be an integer from 1 to the "
+        r"horizon \(12\)$",
+    ):
         TruncatedReverse(K=13).hypergradient(quad, make_schedule(12, 3))
 
 
@@ -155,10 +162,12 @@ def test_reverse_estimators_from_config() -> None:
     base = ["task=quadratic", "horizon=8", "schedule=constant", "schedule.lr.init=0.1"]
     exact = metahpo.hypergradient(metahpo.compose([*base, "estimator=exact_reverse"]))
     fwd = metahpo.hypergradient(metahpo.compose([*base, "estimator=forward"]))
-    trunc = metahpo.hypergradient(metahpo.compose([*base, "estimator=truncated_reverse",
-                                                   "estimator.K=8"]))
+    trunc = metahpo.hypergradient(
+        metahpo.compose([*base, "estimator=truncated_reverse", "estimator.K=8"])
+    )
     assert_grads_close(exact.grads, fwd.grads, rtol=1e-10)
     assert_grads_close(trunc.grads, fwd.grads, rtol=1e-10)
     with pytest.raises(ConfigError, match=r"^estimator\.K=9 must be"):
-        metahpo.hypergradient(metahpo.compose([*base, "estimator=truncated_reverse",
-                                               "estimator.K=9"]))
+        metahpo.hypergradient(
+            metahpo.compose([*base, "estimator=truncated_reverse", "estimator.K=9"])
+        )
