@@ -73,11 +73,15 @@ class Greedy:
                 raise ConfigError(f"estimator.step_size.{key}={s!r} must be a positive number")
         self.step_size = {str(k): float(s) for k, s in sizes.items()}
 
-    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+    def check(self, schedule: HyperSchedule) -> None:
+        """Raise ConfigError unless W fits the horizon and every learned type has a step size."""
         check_window("W", self.W, schedule.horizon)
         missing = [n for n in schedule.learned if n not in self.step_size]
         if missing:
             raise ConfigError(f"estimator.step_size has no entry for {', '.join(missing)}")
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
         synchronize(task.device)
         start = time.perf_counter()
         with MemoryMeter(task.device) as mem:

@@ -42,8 +42,12 @@ class TruncatedReverse:
     def __init__(self, K: int = 20) -> None:
         self.K = check_window("K", K)
 
-    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+    def check(self, schedule: HyperSchedule) -> None:
+        """Raise ConfigError unless K fits the horizon (called before any training)."""
         check_window("K", self.K, schedule.horizon)
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
         synchronize(task.device)
         start = time.perf_counter()
         with MemoryMeter(task.device) as mem:

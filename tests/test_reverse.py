@@ -15,6 +15,7 @@ import metahpo
 from estimators.exact_reverse import ExactReverse
 from estimators.forward import ForwardMode
 from estimators.truncated_reverse import TruncatedReverse
+from metahpo.build import build
 from metahpo.core import ConfigError
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
 from tests.conftest import (
@@ -158,7 +159,8 @@ def test_K_above_horizon_fails_before_any_training(monkeypatch, quad) -> None:
 
 
 def test_reverse_estimators_from_config() -> None:
-    """Every new estimator config instantiates and runs through the public API."""
+    """Every new estimator config instantiates and runs through the public API; a window longer
+    than the horizon fails when the run is built."""
     base = ["task=quadratic", "horizon=8", "schedule=constant", "schedule.lr.init=0.1"]
     exact = metahpo.hypergradient(metahpo.compose([*base, "estimator=exact_reverse"]))
     fwd = metahpo.hypergradient(metahpo.compose([*base, "estimator=forward"]))
@@ -167,7 +169,7 @@ def test_reverse_estimators_from_config() -> None:
     )
     assert_grads_close(exact.grads, fwd.grads, rtol=1e-10)
     assert_grads_close(trunc.grads, fwd.grads, rtol=1e-10)
-    with pytest.raises(ConfigError, match=r"^estimator\.K=9 must be"):
-        metahpo.hypergradient(
-            metahpo.compose([*base, "estimator=truncated_reverse", "estimator.K=9"])
-        )
+    with pytest.raises(ConfigError, match=r"^estimator\.K=9 must be .* horizon \(8\)$"):
+        build(metahpo.compose([*base, "estimator=truncated_reverse", "estimator.K=9"]))
+    with pytest.raises(ConfigError, match=r"^estimator\.W=9 must be .* horizon \(8\)$"):
+        build(metahpo.compose([*base, "estimator=greedy", "estimator.W=9"]))
