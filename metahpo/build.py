@@ -84,11 +84,16 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
         raise ConfigError(
             f"estimator._target_={cfg.estimator._target_!r} has no hypergradient(task, schedule)"
         )
+    schedule = schedule_from_config(cfg.schedule, cfg.horizon)
+    # Settings that depend on the schedule (a window longer than the horizon...): an optional
+    # ``check(schedule)`` on the estimator, so they fail here rather than at the first estimate.
+    if callable(getattr(estimator, "check", None)):
+        estimator.check(schedule)
     optimizer = _instantiate(cfg.outer.optimizer, "outer.optimizer")
     logger = _instantiate(cfg.logger, "logger")
     return Setup(
         task=task,
-        schedule=schedule_from_config(cfg.schedule, cfg.horizon),
+        schedule=schedule,
         baseline=baseline_from_config(cfg.baseline, cfg.horizon),
         estimator=estimator,
         optimizer=optimizer,

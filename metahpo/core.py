@@ -110,7 +110,9 @@ class HypergradientEstimator(Protocol):
     """``hypergradient(task, schedule)``: d(final validation loss)/d(each shared value).
 
     Implementations state in their class docstring the quantity they estimate, its bias, and
-    their memory and compute cost.
+    their memory and compute cost. They may also define ``check(schedule)``, raising
+    ConfigError for settings that depend on the schedule (a window longer than the horizon);
+    :func:`metahpo.build.build` calls it before any training.
     """
 
     name: str

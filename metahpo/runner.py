@@ -172,16 +172,24 @@ class _OuterLoop:
                     self.schedule, self.state = setup.optimizer.step(schedule, grads, self.state)
                     continue
                 entry = {"outer_step": self.k, **hg.to_dict(), "schedule": _values(self.schedule)}
+                if hg.schedule is not None:
+                    entry.update(online=True, schedule_after=_values(hg.schedule))
                 self.history.append(entry)
                 setup.logger.log(self.k, _metrics(entry))
                 bar.set_postfix(meta_loss=f"{hg.meta_loss:.4f}")
                 bar.update(1)
-                grads = clip_by_norm(hg.grads, cfg.outer.clip)
-                prev = (self.schedule, self.state, grads)
-                new, self.state = setup.optimizer.step(self.schedule, grads, self.state)
-                converged = setup.optimizer.converged(
-                    self.schedule, new, self.state, float(cfg.outer.stop_fraction)
-                )
+                if hg.schedule is not None:
+                    # An online estimator (greedy) moved the schedule during its run: the one it
+                    # ended with is the next iterate; no outer step, no convergence test, and no
+                    # backtracking (there is no outer step to halve).
+                    new, converged, prev = hg.schedule.project(), False, None
+                else:
+                    grads = clip_by_norm(hg.grads, cfg.outer.clip)
+                    prev = (self.schedule, self.state, grads)
+                    new, self.state = setup.optimizer.step(self.schedule, grads, self.state)
+                    converged = setup.optimizer.converged(
+                        self.schedule, new, self.state, float(cfg.outer.stop_fraction)
+                    )
                 self.schedule, self.k = new, self.k + 1
                 if converged:
                     done = "converged"
@@ -193,8 +201,14 @@ class _OuterLoop:
         self._checkpoint(done=True)
 
     def _select(self) -> None:
-        """Score the last iterate with a plain run, then pick the schedule to report."""
-        if not self.history or self.history[-1]["schedule"] != _values(self.schedule):
+        """Score the last iterate with a plain run, then pick the schedule to report.
+
+        Entries of online estimators are not candidates: their meta-loss comes from a run whose
+        schedule moved, not from a plain run of their ``schedule``; so an online estimator's
+        learned schedule is its last iterate (with its plain-run score).
+        """
+        last = self.history[-1] if self.history else None
+        if last is None or last.get("online") or last["schedule"] != _values(self.schedule):
             start = time.perf_counter()
             try:
                 scores: dict[str, Any] = meta_loss(self.setup.task, self.schedule)
@@ -209,8 +223,10 @@ class _OuterLoop:
                     "schedule": _values(self.schedule),
                 }
             )
-        scored = [h for h in self.history if h["meta_loss"] is not None]
+        scored = [h for h in self.history if h["meta_loss"] is not None and not h.get("online")]
         candidates = scored if self.cfg.outer.select == "best" else scored[-1:]
+        if not candidates:
+            raise DivergenceError("inner training diverged with every schedule the run visited")
         best = min(candidates, key=lambda h: h["meta_loss"])
         self.selected = best["outer_step"]
         self.learned = self.setup.schedule.replace(
@@ -309,6 +325,9 @@ def _results(
         "history": loop.history,
         "final": final,
         "estimator_seconds": sum(h["seconds"] for h in loop.history if h.get("hypergradient")),
+        "estimator_peak_memory_mb": max(
+            (h["peak_memory_mb"] for h in loop.history if h.get("hypergradient")), default=None
+        ),
         "wall_time_seconds": wall,
     }
 

@@ -114,7 +114,10 @@ def test_bad_plugin_arguments_fail_before_training(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["estimator=nope"], "metahpo: error: estimator='nope' is unknown; allowed: forward"),
+        (
+            ["estimator=nope"],
+            "metahpo: error: estimator='nope' is unknown; allowed: exact_reverse, forward",
+        ),
         (["-m", "task=digits,nope"], "metahpo: error: task='nope' is unknown"),
         (["horizon=-3"], "metahpo: error: horizon=-3 must be an integer >= 1"),
         (["schedule.lr.init=abc"], "metahpo: error: schedule.lr.init='abc' must be a number"),

@@ -1,0 +1,148 @@
+"""Exact hypergradients by reverse mode through the whole unrolled run, with ``higher``.
+
+This is the plain, memory-hungry unrolled version of Maclaurin et al. (2015) (without their
+reversible-learning trick): every inner step is recorded on the autograd tape and the final
+validation loss is backpropagated to the shared hyperparameter values.
+
+Why a separate step loop instead of :func:`metahpo.inner.train`: ``higher``'s differentiable
+optimiser owns the step (it takes the training gradient with ``create_graph`` and applies the
+update to a list of per-tensor fast weights), which is a different loop shape from ``train``'s
+flat ``theta`` with ``grad_fn`` + :func:`~metahpo.inner.sgd_step`. Keeping it separate also makes
+this estimator an implementation that shares no loop with forward mode and
+:class:`~estimators.truncated_reverse.TruncatedReverse` (both go through ``train``), so their
+agreement in the tests cross-checks the one inner loop.
+
+Why not ``higher``'s own ``DifferentiableSGD`` (what ``higher.innerloop_ctx`` builds for a
+``torch.optim.SGD``): it skips the weight-decay term when ``weight_decay == 0`` and the momentum
+buffer when ``momentum == 0``. With tensor hyperparameters that (a) drops their gradients
+wherever the value is exactly zero, the paper's starting point, and (b) lets a momentum buffer
+go stale through a zero-momentum segment, unlike ``torch.optim.SGD`` with a constant momentum.
+:class:`ScheduledSGD` below is ``higher``'s ``DifferentiableOptimizer`` with
+:func:`metahpo.inner.sgd_step` as its update, so the update is the library's one SGD form
+(``tests/test_reverse.py`` shows the stock optimiser's zero-value gradients are missing).
+
+``higher`` is imported only in this module.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import higher
+import torch
+from torch import Tensor
+
+from metahpo.core import Batch, Buffers, DivergenceError, Hypergradient, Params, Task
+from metahpo.device import MemoryMeter, synchronize
+from metahpo.inner import sgd_step
+from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
+
+
+class ScheduledSGD(higher.optim.DifferentiableOptimizer):
+    """``higher``'s differentiable optimiser whose update is :func:`metahpo.inner.sgd_step`.
+
+    ``lr``, ``momentum`` and ``weight_decay`` come from the parameter group, overridden at
+    every step with tensors that carry gradient (``diffopt.step(loss, override=...)``). The
+    velocity starts at zero, so the first step equals ``torch.optim.SGD``'s.
+    """
+
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        for group, state, grads in zip(self.param_groups, self.state, grouped_grads, strict=True):
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
+                v = state[i].get("velocity")
+                v = torch.zeros_like(p) if v is None else v
+                g = torch.zeros_like(p) if g is None else g  # a parameter the loss does not use
+                group["params"][i], state[i]["velocity"] = sgd_step(p, v, g, lr, mu, wd)
+
+
+class ExactReverse:
+    """Exact d L_val(theta_T) / d h for every shared value h, by reverse mode over all T steps.
+
+    Unrolls the whole inner run with ``higher`` (per step
+    ``diffopt.step(train_loss, override={"lr": [lr_t], "momentum": [mu_t], ...})``, the values
+    indexed from the shared ones so that each segment's gradient is the sum over its block),
+    then backpropagates the final validation loss. Training and validation losses go through
+    the task's functional ``train_loss`` / ``val_loss`` with the fast weights under the
+    model's parameter names; buffers follow ``task.next_buffers`` and are not differentiated.
+
+    Objective: the final validation loss, as forward mode.
+    Bias: none (exact to rounding): in float64 it matches forward mode to ~1e-15 relative.
+    Memory: grows linearly with the horizon T: the tape keeps, for every step, the fast weights,
+    the velocity and the activations of the training loss and of its double backward, i.e.
+    O(T (P + activations)) for P parameters. This is what limits it to short horizons
+    (docs/benchmarks-reverse.md measures it).
+    Compute: one training gradient with ``create_graph`` per step forward, then one backward
+    through the whole tape (roughly a Hessian-vector product per step): about ``4 T`` gradient
+    evaluations, independent of the number of shared values.
+    """
+
+    name = "exact_reverse"
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        synchronize(task.device)
+        start = time.perf_counter()
+        with MemoryMeter(task.device) as mem:
+            meta_loss, grads, metrics = self._run(task, schedule)
+        synchronize(task.device)
+        return Hypergradient(
+            meta_loss=meta_loss,
+            grads=grads,
+            seconds=time.perf_counter() - start,
+            peak_memory=mem.peak,
+            inner_steps=schedule.horizon,
+            metrics=metrics,
+        )
+
+    def _run(
+        self, task: Task, schedule: HyperSchedule
+    ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
+        leaves = {
+            name: schedule.values[name].detach().clone().requires_grad_(True)
+            for name in schedule.learned
+        }
+        table = schedule.table(task.device, task.dtype, values=leaves)
+        names = [name for name, _ in task.model.named_parameters()]
+        init, buffers = task.init_params()
+        fast = [init[name].detach().requires_grad_(True) for name in names]
+        diffopt = ScheduledSGD(
+            torch.optim.SGD(task.model.parameters(), lr=0.0), task.model.parameters()
+        )
+        with torch.enable_grad():
+            for t in range(schedule.horizon):
+                batch = task.batch(t)
+                params = dict(zip(names, fast, strict=True))
+                loss = task.train_loss(params, buffers, batch)
+                override = {name: [table[name][t]] for name in HYPERPARAMETERS}
+                new = diffopt.step(loss, params=fast, override=override)
+                buffers = _next_buffers(task, params, buffers, batch)
+                fast = list(new)
+            params = dict(zip(names, fast, strict=True))
+            _check_finite(params, schedule)
+            meta = task.val_loss(params, buffers)
+            got = torch.autograd.grad(meta, list(leaves.values()), allow_unused=True)
+        grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
+        for name, g in zip(leaves, got, strict=True):
+            if g is not None:
+                grads[name] = g.detach().to(torch.float64)
+        with torch.no_grad():
+            detached = {k: p.detach() for k, p in params.items()}
+            metrics = {"val_accuracy": task.evaluate(detached, buffers, "val")["accuracy"]}
+        return float(meta.detach()), grads, metrics
+
+
+def _next_buffers(task: Task, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
+    if not buffers:
+        return buffers
+    with torch.no_grad():
+        return task.next_buffers({k: p.detach() for k, p in params.items()}, buffers, batch)
+
+
+def _check_finite(params: Params, schedule: HyperSchedule) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        raise DivergenceError(
+            f"inner training diverged: parameters are not finite after step {schedule.horizon} "
+            f"(max lr {float(schedule.values['lr'].max()):.4g}, "
+            f"max momentum {float(schedule.values['momentum'].max()):.4g})"
+        )

@@ -1,0 +1,132 @@
+"""Greedy online hyperparameter learning over windows of W steps (Hypergradient Descent at W=1)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from metahpo.core import ConfigError, Hypergradient, Task
+from metahpo.device import MemoryMeter, synchronize
+from metahpo.inner import FlatTask
+from metahpo.reverse import check_window, window_hypergradient
+from metahpo.schedule import HyperSchedule
+
+Update = Literal["sign", "gradient"]
+DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
+
+
+class Greedy:
+    """One training run whose hyperparameters are moved online, every W steps.
+
+    The run is cut into windows ``[s, s+W)``. For each window, with the inner state at ``s``
+    held constant, it takes ``g = d L_val(theta_{s+W}) / d h`` for the shared values ``h`` in
+    force during the window (reverse mode over the window,
+    :func:`metahpo.reverse.window_hypergradient`), then steps those values
+    (``h <- h - s_h sign(g)`` or ``h <- h - s_h g``, projected to the bounds) and continues
+    training from ``theta_{s+W}`` with the new values. With W=1 and a one-segment learning
+    rate this is Hypergradient Descent (Baydin et al. 2018), with the validation loss after the
+    step in place of HD's next training batch.
+
+    Objective: greedy. Each window's values are tuned for the validation loss W steps later,
+    not at the end of training, so it has the short-horizon bias (it favours whatever lowers
+    the loss soonest, e.g. decaying the learning rate too early) and the schedule it reaches is
+    not a stationary point of the final validation loss.
+    Result: ``schedule`` is the schedule the run ended with (an online estimator: the outer
+    loop takes it as its next iterate instead of stepping on ``grads``); ``grads`` is, per
+    segment, the **sum** of the window hypergradients taken with respect to it during the run
+    (with ``update="gradient"`` and no bound reached, ``schedule = start - step_size * grads``
+    exactly); ``metrics["greedy_windows"]`` lists every window's steps, validation loss and
+    non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
+    whose schedule moved during it (so it is the loss of neither the starting nor the final
+    schedule run plainly). A value is updated only while its segment is in force, so use few
+    segments (one per type is classic online learning); with one segment per step each value
+    is stepped once per run.
+    Memory: the graph of one window, O(W (P + activations)), constant in the horizon.
+    Compute: every step is taken once with ``create_graph``, plus one validation loss and one
+    backward per window: about ``3 T`` gradient evaluations and ``T / W`` validation passes.
+
+    Args:
+        W: inner steps per window, from 1 to the horizon.
+        update: ``"sign"`` (``h -= s_h sign(g)``) or ``"gradient"`` (``h -= s_h g``).
+        step_size: ``s_h`` per hyperparameter type; every learned type needs one.
+    """
+
+    name = "greedy"
+
+    def __init__(
+        self,
+        W: int = 10,
+        update: Update = "sign",
+        step_size: Mapping[str, float] | None = None,
+    ) -> None:
+        self.W = check_window("W", W)
+        if update not in ("sign", "gradient"):
+            raise ConfigError(f"estimator.update={update!r} is unknown; allowed: sign, gradient")
+        self.update = update
+        sizes = dict(DEFAULT_STEP_SIZE if step_size is None else step_size)
+        for key, s in sizes.items():
+            if isinstance(s, bool) or not isinstance(s, int | float) or not s > 0:
+                raise ConfigError(f"estimator.step_size.{key}={s!r} must be a positive number")
+        self.step_size = {str(k): float(s) for k, s in sizes.items()}
+
+    def check(self, schedule: HyperSchedule) -> None:
+        """Raise ConfigError unless W fits the horizon and every learned type has a step size."""
+        check_window("W", self.W, schedule.horizon)
+        missing = [n for n in schedule.learned if n not in self.step_size]
+        if missing:
+            raise ConfigError(f"estimator.step_size has no entry for {', '.join(missing)}")
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
+        synchronize(task.device)
+        start = time.perf_counter()
+        with MemoryMeter(task.device) as mem:
+            meta_loss, grads, final, metrics = self._run(task, schedule)
+        synchronize(task.device)
+        return Hypergradient(
+            meta_loss=meta_loss,
+            grads=grads,
+            seconds=time.perf_counter() - start,
+            peak_memory=mem.peak,
+            inner_steps=schedule.horizon,
+            metrics=metrics,
+            schedule=final,
+        )
+
+    def _run(
+        self, task: Task, schedule: HyperSchedule
+    ) -> tuple[float, dict[str, Tensor], HyperSchedule, dict[str, Any]]:
+        flat = FlatTask(task)
+        state = flat.init_state()
+        total = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
+        windows: list[dict[str, Any]] = []
+        meta_loss = float("nan")
+        for begin in range(0, schedule.horizon, self.W):
+            stop = min(begin + self.W, schedule.horizon)
+            window = window_hypergradient(flat, schedule, state, stop)
+            state, meta_loss = window.state, window.meta_loss
+            record: dict[str, Any] = {"steps": [begin, stop], "val_loss": meta_loss}
+            for name in schedule.learned:
+                g = window.grads[name]
+                total[name] += g
+                record[name] = {str(k): float(g[k]) for k in g.nonzero().flatten().tolist()}
+            windows.append(record)
+            schedule = self._step(schedule, window.grads)
+        metrics = {
+            "val_accuracy": flat.evaluate(state, "val")["accuracy"],
+            "greedy_windows": windows,
+        }
+        return meta_loss, total, schedule, metrics
+
+    def _step(self, schedule: HyperSchedule, grads: Mapping[str, Tensor]) -> HyperSchedule:
+        """One hyper-step on the values the window touched (the others have zero gradient)."""
+        new = {}
+        for name in schedule.learned:
+            g = grads[name]
+            direction = torch.sign(g) if self.update == "sign" else g
+            new[name] = schedule.values[name] - self.step_size[name] * direction
+        return schedule.replace(new).project()

@@ -1,0 +1,106 @@
+"""Reverse mode through a window of the one inner loop, shared by truncated and greedy estimators.
+
+A *window* is a run of inner steps ``state.step .. stop-1`` started from a state that is treated
+as a constant. :func:`window_hypergradient` runs it through :func:`metahpo.inner.train` with the
+per-step table built from shared values that require grad and with a ``grad_fn`` that keeps the
+graph of every training gradient, then backpropagates the validation loss after the window to
+the shared values. Autograd sums each segment's per-step contributions on its own, because the
+table is an indexing of the shared values (:meth:`HyperSchedule.per_step`).
+
+Memory: the window's graph, i.e. O(window length x (P + activations of one step and of its
+double backward)); nothing is stored for the steps before the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metahpo.core import Batch, ConfigError
+from metahpo.inner import FlatTask, InnerState, train
+from metahpo.schedule import HyperSchedule
+
+
+@dataclass
+class Window:
+    """What one differentiated window gives.
+
+    Attributes:
+        state: the inner state after the window, detached from the graph.
+        meta_loss: validation loss after the window.
+        grads: per type, float64 CPU ``[n_segments]``: d(meta_loss)/d(shared value) with the
+            state at the window's start held constant; zeros for fixed types and for segments
+            the window does not touch.
+    """
+
+    state: InnerState
+    meta_loss: float
+    grads: dict[str, Tensor]
+
+
+def check_window(key: str, value: object, horizon: int | None = None) -> int:
+    """``value`` as a window length from 1 to ``horizon`` (inner steps).
+
+    Raises:
+        ConfigError: one line naming ``estimator.<key>``, its value and the allowed range.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 1 and (horizon is None or value <= horizon):
+            return value
+    upper = "the horizon" if horizon is None else f"the horizon ({horizon})"
+    raise ConfigError(f"estimator.{key}={value!r} must be an integer from 1 to {upper}")
+
+
+def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) -> Tensor:
+    """Training gradient that keeps its graph (a ``grad_fn`` for :func:`metahpo.inner.train`).
+
+    When ``state.theta`` carries no graph (the window's first step, a constant) the gradient is
+    a constant too and no graph is built.
+    """
+    tracked = state.theta.requires_grad
+    theta = state.theta if tracked else state.theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = flat.train_loss(theta, state.buffers, batch)
+        (g,) = torch.autograd.grad(loss, theta, create_graph=tracked)
+    return g
+
+
+def window_hypergradient(
+    flat: FlatTask, schedule: HyperSchedule, state: InnerState, stop: int
+) -> Window:
+    """Run steps ``state.step .. stop-1`` differentiably and backpropagate the validation loss.
+
+    Args:
+        flat: the task, flattened.
+        schedule: the values in force (only its learned types are differentiated).
+        state: the window's start, treated as a constant (its graph, if any, is cut).
+        stop: the step to stop before.
+
+    Raises:
+        DivergenceError: inner training diverged inside the window.
+    """
+    task = flat.task
+    leaves = {
+        name: schedule.values[name].detach().clone().requires_grad_(True)
+        for name in schedule.learned
+    }
+    table = schedule.table(task.device, task.dtype, values=leaves)
+    start = InnerState(state.theta.detach(), state.velocity.detach(), state.buffers, state.step)
+    with torch.enable_grad():
+        end = train(
+            flat,
+            table,
+            start,
+            stop,
+            grad_fn=lambda t, st, batch: grad_with_graph(flat, t, st, batch),
+        )
+        meta = flat.val_loss(end.theta, end.buffers)
+        got = torch.autograd.grad(meta, list(leaves.values()), allow_unused=True)
+    grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
+    for name, g in zip(leaves, got, strict=True):
+        if g is not None:
+            grads[name] = g.detach().to(torch.float64)
+    after = InnerState(end.theta.detach(), end.velocity.detach(), end.buffers, end.step)
+    return Window(after, float(meta.detach()), grads)
