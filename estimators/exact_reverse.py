@@ -26,7 +26,6 @@ go stale through a zero-momentum segment, unlike ``torch.optim.SGD`` with a cons
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import higher
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from metahpo.core import Batch, Buffers, DivergenceError, Hypergradient, Params, Task
-from metahpo.device import MemoryMeter, synchronize
+from metahpo.device import CostMeter
 from metahpo.inner import sgd_step
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
 
@@ -81,16 +80,13 @@ class ExactReverse:
     name = "exact_reverse"
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
-        synchronize(task.device)
-        start = time.perf_counter()
-        with MemoryMeter(task.device) as mem:
+        with CostMeter(task.device) as cost:
             meta_loss, grads, metrics = self._run(task, schedule)
-        synchronize(task.device)
         return Hypergradient(
             meta_loss=meta_loss,
             grads=grads,
-            seconds=time.perf_counter() - start,
-            peak_memory=mem.peak,
+            seconds=cost.seconds,
+            peak_memory=cost.peak,
             inner_steps=schedule.horizon,
             metrics=metrics,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -11,7 +10,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from metahpo.core import Batch, ConfigError, Hypergradient, Task
-from metahpo.device import MemoryMeter, synchronize
+from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, train
 from metahpo.schedule import HyperSchedule
 
@@ -75,16 +74,13 @@ class ForwardMode:
         return self.clamp_grad is None and self.clamp_hvp is None
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
-        synchronize(task.device)
-        start = time.perf_counter()
-        with MemoryMeter(task.device) as mem:
+        with CostMeter(task.device) as cost:
             meta_loss, grads, metrics = self._run(task, schedule)
-        synchronize(task.device)
         return Hypergradient(
             meta_loss=meta_loss,
             grads=grads,
-            seconds=time.perf_counter() - start,
-            peak_memory=mem.peak,
+            seconds=cost.seconds,
+            peak_memory=cost.peak,
             inner_steps=schedule.horizon,
             metrics=metrics,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 
 from metahpo.core import ConfigError, Hypergradient, Task
-from metahpo.device import MemoryMeter, synchronize
+from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
@@ -82,16 +81,13 @@ class Greedy:
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)
-        synchronize(task.device)
-        start = time.perf_counter()
-        with MemoryMeter(task.device) as mem:
+        with CostMeter(task.device) as cost:
             meta_loss, grads, final, metrics = self._run(task, schedule)
-        synchronize(task.device)
         return Hypergradient(
             meta_loss=meta_loss,
             grads=grads,
-            seconds=time.perf_counter() - start,
-            peak_memory=mem.peak,
+            seconds=cost.seconds,
+            peak_memory=cost.peak,
             inner_steps=schedule.horizon,
             metrics=metrics,
             schedule=final,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from metahpo.core import Hypergradient, Task
-from metahpo.device import MemoryMeter, synchronize
+from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, train
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
@@ -48,9 +46,7 @@ class TruncatedReverse:
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)
-        synchronize(task.device)
-        start = time.perf_counter()
-        with MemoryMeter(task.device) as mem:
+        with CostMeter(task.device) as cost:
             flat = FlatTask(task)
             begin = schedule.horizon - self.K
             with torch.no_grad():
@@ -59,12 +55,11 @@ class TruncatedReverse:
                 )
             window = window_hypergradient(flat, schedule, state, schedule.horizon)
             val_accuracy = flat.evaluate(window.state, "val")["accuracy"]
-        synchronize(task.device)
         return Hypergradient(
             meta_loss=window.meta_loss,
             grads=window.grads,
-            seconds=time.perf_counter() - start,
-            peak_memory=mem.peak,
+            seconds=cost.seconds,
+            peak_memory=cost.peak,
             inner_steps=schedule.horizon,
             metrics={"val_accuracy": val_accuracy, "window_start": begin},
         )

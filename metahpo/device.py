@@ -38,22 +38,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class MemoryMeter:
-    """Peak memory of a block of code, above the level at its start, in bytes.
+class CostMeter:
+    """Wall time and peak memory of a block of code: ``with CostMeter(device) as cost: ...``.
 
-    CUDA: the caching allocator's peak. CPU: the process's resident set, sampled every
-    millisecond by a background thread (PyTorch keeps no CPU peak counter); allocations that
-    live shorter than a millisecond can be missed, so CPU figures are a close lower bound.
+    ``cost.seconds``: wall time, with queued CUDA kernels waited for at both ends.
+    ``cost.peak``: peak memory above the level at the start, in bytes. CUDA: the caching
+    allocator's peak. CPU: the process's resident set, sampled every millisecond by a background
+    thread (PyTorch keeps no CPU peak counter); allocations that live shorter than a millisecond
+    can be missed, so CPU figures are a close lower bound.
     """
 
     def __init__(self, device: torch.device, interval: float = 1e-3) -> None:
         self.device = device
         self.interval = interval
         self.peak = 0
+        self.seconds = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> MemoryMeter:
+    def __enter__(self) -> CostMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -62,6 +65,7 @@ class MemoryMeter:
             self._base = self._max = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        self._start = time.perf_counter()
         return self
 
     def _sample(self) -> None:
@@ -77,16 +81,12 @@ class MemoryMeter:
     ) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self.seconds = time.perf_counter() - self._start
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
+            self.seconds = time.perf_counter() - self._start
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
             self._max = max(self._max, _rss_bytes())
             self.peak = self._max - self._base
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (for honest timings on CUDA; a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
