@@ -33,6 +33,10 @@ def quadratic(**kw) -> Quadratic:
     return Quadratic(**{"dtype": torch.float64, **kw})
 
 
+# Tasks for exactness tests, with horizons short enough for central differences.
+EXACT_TASKS = {"quadratic": (quadratic, 12), "digits": (small_digits, 9)}
+
+
 def make_schedule(
     horizon: int,
     sharing: int | str,

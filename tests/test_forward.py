@@ -8,6 +8,7 @@ import torch
 from estimators.forward import ForwardMode
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
 from tests.conftest import (
+    EXACT_TASKS,
     SHARING,
     assert_grads_close,
     central_differences,
@@ -17,7 +18,7 @@ from tests.conftest import (
     unrolled_reference,
 )
 
-TASKS = {"quadratic": (quadratic, 12), "digits": (small_digits, 9)}
+TASKS = EXACT_TASKS
 
 
 @pytest.mark.parametrize("task_name", TASKS)

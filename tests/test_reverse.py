@@ -19,6 +19,7 @@ from metahpo.build import build
 from metahpo.core import ConfigError
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
 from tests.conftest import (
+    EXACT_TASKS,
     SHARING,
     assert_grads_close,
     central_differences,
@@ -27,7 +28,7 @@ from tests.conftest import (
     small_digits,
 )
 
-TASKS = {"quadratic": (quadratic, 12), "digits": (small_digits, 9)}
+TASKS = EXACT_TASKS
 
 
 @pytest.mark.parametrize("task_name", TASKS)
