@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,6 +16,12 @@ from metahpo.inner import FlatTask, InnerState, train
 from metahpo.schedule import HyperSchedule
 
 HVPMode = Literal["fwd_rev", "rev_rev"]
+
+# torch's forward-mode AD scripts its own decompositions on first use and warns about its own
+# call to torch.jit.script; nothing a user can act on.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
 
 
 class ForwardMode:
