@@ -112,7 +112,7 @@ class WideResNet(nn.Module):
 
     Group widths are ``base_channels * (1, width, 2 width, 4 width)`` after a 3x3 stem, with
     strides 1, 2, 2; then batch-norm, activation, global average pooling and a linear read-out.
-    WRN-16-1 (the defaults) has 175k parameters and 12 batch-norm layers.
+    WRN-16-1 (the defaults) has 175k parameters and 13 batch-norm layers.
 
     Args:
         in_channels, image_size, n_classes: from the dataset (any image size works: the

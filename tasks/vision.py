@@ -97,9 +97,10 @@ def _explain(source: Source, root: Path, download: bool, error: Exception) -> Co
                 f"{where}: downloading {source.name} failed ({error_summary(error)}); put "
                 f"{expected} there by hand"
             )
+        gaps = "" if len(missing) == len(source.files) else f" ({', '.join(missing)} missing)"
         return ConfigError(
-            f"{where}: {source.name} not found, expected {expected} (missing: "
-            f"{', '.join(missing)}); set task.download=true to download it"
+            f"{where}: {source.name} not found, expected {expected}{gaps}; set "
+            "task.download=true to download it"
         )
     for f in source.files:
         reason = source.check_file(folder / f)
