@@ -61,7 +61,7 @@ class LeNet(nn.Sequential):
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
             raise ConfigError(
-                f"LeNet needs images of at least 12x12 pixels; the data has {image_size}x{image_size}"
+                f"LeNet needs images of at least 12x12 pixels, not {image_size}x{image_size}"
             )
         pooling = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         c1, c2 = int(channels[0]), int(channels[1])
@@ -138,16 +138,24 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ConfigError(f"task.model.depth={depth} must be 6n+4 with n >= 1 (10, 16, 22, 28...)")
+            raise ConfigError(
+                f"task.model.depth={depth} must be 6n+4 with n >= 1 (10, 16, 22, 28...)"
+            )
         if width < 1:
             raise ConfigError(f"task.model.width={width} must be a positive integer")
         if base_channels < 1:
-            raise ConfigError(f"task.model.base_channels={base_channels} must be a positive integer")
+            raise ConfigError(
+                f"task.model.base_channels={base_channels} must be a positive integer"
+            )
         if not 0.0 < bn_momentum <= 1.0:
             raise ConfigError(f"task.model.bn_momentum={bn_momentum} must lie in (0, 1]")
         n = (depth - 4) // 6
-        widths = [base_channels, base_channels * width, 2 * base_channels * width,
-                  4 * base_channels * width]
+        widths = [
+            base_channels,
+            base_channels * width,
+            2 * base_channels * width,
+            4 * base_channels * width,
+        ]
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         blocks: list[nn.Module] = []
         c_in = widths[0]

@@ -1,4 +1,4 @@
-"""Vision tasks end to end on tiny datasets in their genuine on-disk formats (tests/vision_files.py).
+"""Vision tasks end to end on tiny datasets in genuine on-disk formats (tests/vision_files.py).
 
 torchvision's real loading code runs every time. Only one thing is patched, and only where a
 test asks for it (the ``skip_md5`` fixture): torchvision compares CIFAR-10 and SVHN files with
@@ -51,7 +51,12 @@ DATASETS: dict[str, tuple[type[VisionTask], Callable[[Path], None], int, int]] =
         28,
     ),
     "svhn": (SVHN, vision_files.write_svhn, 3, 32),
-    "cifar10": (CIFAR10, functools.partial(vision_files.write_cifar10, per_batch=N_TRAIN // 5), 3, 32),
+    "cifar10": (
+        CIFAR10,
+        functools.partial(vision_files.write_cifar10, per_batch=N_TRAIN // 5),
+        3,
+        32,
+    ),
 }
 TINY_WRN = functools.partial(WideResNet, depth=10, base_channels=4)
 
@@ -94,7 +99,9 @@ def test_loads_splits_and_normalises(name: str, tmp_path: Path, skip_md5: None) 
         assert task.data[s][0].dtype == torch.float64 and task.data[s][1].dtype == torch.long
     # Per-channel standardisation with the training split's own statistics.
     x = task.data["train"][0]
-    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(channels, dtype=x.dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        x.mean((0, 2, 3)), torch.zeros(channels, dtype=x.dtype), atol=1e-12, rtol=0
+    )
     torch.testing.assert_close(
         x.transpose(0, 1).reshape(channels, -1).std(1, correction=0),
         torch.ones(channels, dtype=x.dtype),
@@ -129,10 +136,14 @@ def test_inner_steps_and_hypergradient(name: str, tmp_path: Path, skip_md5: None
     assert 0.0 <= out["accuracy"] <= 1.0 and np.isfinite(out["loss"])
     if name == "cifar10":  # batch-norm running statistics advanced once per step
         assert int(state.buffers["bn.num_batches_tracked"]) == 4
-        assert not torch.equal(state.buffers["bn.running_var"], torch.ones_like(state.buffers["bn.running_var"]))
+        assert not torch.equal(
+            state.buffers["bn.running_var"], torch.ones_like(state.buffers["bn.running_var"])
+        )
 
 
-def test_cifar_batches_are_cropped_and_flipped_deterministically(tmp_path: Path, skip_md5: None) -> None:
+def test_cifar_batches_are_cropped_and_flipped_deterministically(
+    tmp_path: Path, skip_md5: None
+) -> None:
     vision_files.write_cifar10(tmp_path, per_batch=N_TRAIN // 5)
     task = make("cifar10", tmp_path)
     plain = make("cifar10", tmp_path, crop_padding=0, flip=False)
@@ -159,7 +170,9 @@ def test_crop_flip_matches_torchvision_per_image() -> None:
     assert flips.any() and not flips.all() and (top != top[0]).any()
     got = aug.apply(x, top, left, flips)
     for i in range(len(x)):
-        padded = torch.cat([TF.pad(x[i, c : c + 1], [3, 3, 3, 3], fill=float(fill[c])) for c in range(3)])
+        padded = torch.cat(
+            [TF.pad(x[i, c : c + 1], [3, 3, 3, 3], fill=float(fill[c])) for c in range(3)]
+        )
         want = TF.crop(padded, int(top[i]), int(left[i]), 10, 10)
         want = TF.horizontal_flip(want) if flips[i] else want
         torch.testing.assert_close(got[i], want, rtol=0, atol=0)
@@ -300,8 +313,15 @@ def test_experiment_runs_on_tiny_data(
 
 def test_cli_reports_missing_data_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "metahpo", "experiment=cifar10_wrn", f"task.root={tmp_path}",
-         "task.download=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            sys.executable,
+            "-m",
+            "metahpo",
+            "experiment=cifar10_wrn",
+            f"task.root={tmp_path}",
+            "task.download=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],

@@ -71,8 +71,18 @@ def write_cifar10(root: Path, per_batch: int = 24, n_test: int = 40) -> None:
             pickle.dump(entry, f, protocol=2)
     meta = {
         "num_cases_per_batch": per_batch,
-        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                        "ship", "truck"],
+        "label_names": [
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ],
         "num_vis": 3072,
     }
     with open(folder / "batches.meta", "wb") as f:
