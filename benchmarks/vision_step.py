@@ -12,7 +12,7 @@ the first step of every run is dropped as warm-up, and the median over the rest 
 - ``next_buffers``: the extra no-grad forward pass that advances batch-norm statistics (part
   of both modes).
 
-    python benchmarks/vision_step.py [--steps 3] [--repeats 2] [--columns 3] [--models ...]
+    python benchmarks/vision_step.py [--repeats 3] [--columns 3 6] [--models ...] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ from metahpo.taskbase import SupervisedTask
 from tasks.models import LeNet, WideResNet
 from tasks.vision import CropFlip
 
-# name -> (description, (C, H, W), model factory, crop + flip)
-MODELS: dict[str, tuple[str, tuple[int, int, int], Callable[[], nn.Module], bool]] = {
-    "lenet28": ("LeNet-5", (1, 28, 28), lambda: LeNet(1, 28, 10), False),
-    "lenet32": ("LeNet-5", (3, 32, 32), lambda: LeNet(3, 32, 10), False),
-    "wrn16_1": ("WRN-16-1", (3, 32, 32), lambda: WideResNet(3, 32, 10), True),
+# name -> (description, (C, H, W), model factory, crop + flip, default inner steps per run)
+MODELS: dict[str, tuple[str, tuple[int, int, int], Callable[[], nn.Module], bool, int]] = {
+    "lenet28": ("LeNet-5", (1, 28, 28), lambda: LeNet(1, 28, 10), False, 10),
+    "lenet32": ("LeNet-5", (3, 32, 32), lambda: LeNet(3, 32, 10), False, 10),
+    "wrn16_1": ("WRN-16-1", (3, 32, 32), lambda: WideResNet(3, 32, 10), True, 3),
 }
 VALUES = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 
 
 def make_task(name: str, batch: int, dtype: torch.dtype) -> SupervisedTask:
-    _, shape, model, augment = MODELS[name]
+    _, shape, model, augment, _ = MODELS[name]
     g = torch.Generator().manual_seed(0)
     data = {
         split: (torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -137,18 +137,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="inner steps per run (first is warm-up)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="inner steps per run, the first one warm-up (default: 10 for LeNet, 3 for WRN-16-1)",
+    )
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--columns", type=int, nargs="+", default=[3], help="multiples of 3")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 "
+        "is steadier on a machine shared with other jobs",
+    )
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if any(c % 3 or c < 3 for c in args.columns):
         p.error("--columns must be multiples of 3 (lr, momentum and weight decay alike)")
     dtype = getattr(torch, args.dtype)
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"{args.dtype}, batch {args.batch}, {args.steps} steps x {args.repeats} repeats, "
+        f"{args.dtype}, batch {args.batch}, {args.repeats} interleaved repeats, "
         f"load average at start {os.getloadavg()[0]:.1f}\n"
     )
     modes = ["plain", *(f"forward C={c}" for c in args.columns)]
@@ -158,15 +172,16 @@ def main() -> None:
     print("|---" * (4 + 2 * len(args.columns) + 1) + "|")
     for name in args.models:
         task = make_task(name, args.batch, dtype)
+        steps = args.steps or MODELS[name][4]
         times: dict[str, list[float]] = {m: [] for m in modes}
         nb: list[float] = []
         for _ in range(args.repeats):  # interleaved: load drifts hit every mode alike
-            times["plain"] += run_plain(task, args.steps)
+            times["plain"] += run_plain(task, steps)
             for c in args.columns:
-                times[f"forward C={c}"] += run_forward(task, args.steps, c)
+                times[f"forward C={c}"] += run_forward(task, steps, c)
             nb += run_next_buffers(task)
         med = {m: statistics.median(v) for m, v in times.items()}
-        desc, shape, _, _ = MODELS[name]
+        desc, shape = MODELS[name][:2]
         n_params = sum(q.numel() for q in task.model.parameters())
         cells = " | ".join(f"{med[m]:.3f}" for m in modes)
         rel = " | ".join(f"{med[m] / med['plain']:.1f}" for m in modes[1:])
