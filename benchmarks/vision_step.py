@@ -8,11 +8,14 @@ the first step of every run is dropped as warm-up, and the median over the rest 
 
 - ``plain``: what retraining does: gradient, batch-norm running statistics, SGD update.
 - ``forward C=n``: ForwardMode with n learned shared values active at that step (lr, momentum
-  and weight decay with n/3 segments each; only steps where all n columns have started count).
+  and weight decay with n/3 segments each; only steps where all n columns have started count),
+  with its default Hessian-vector products (``fwd_rev``: vmapped jvp of grad); ``--hvp`` adds
+  ``rev_rev`` (double backward) and ``fwd_rev/1`` (fwd_rev one column at a time).
 - ``next_buffers``: the extra no-grad forward pass that advances batch-norm statistics (part
   of both modes).
 
     python benchmarks/vision_step.py [--repeats 3] [--columns 3 6] [--models ...] [--threads 1]
+        [--hvp fwd_rev rev_rev fwd_rev/1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 import estimators.forward
 from estimators.forward import ForwardMode
+from metahpo.device import resolve_device, synchronize
 from metahpo.inner import FlatTask, train
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
@@ -45,7 +49,7 @@ MODELS: dict[str, tuple[str, tuple[int, int, int], Callable[[], nn.Module], bool
 VALUES = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 
 
-def make_task(name: str, batch: int, dtype: torch.dtype) -> SupervisedTask:
+def make_task(name: str, batch: int, dtype: torch.dtype, device: torch.device) -> SupervisedTask:
     _, shape, model, augment, _ = MODELS[name]
     g = torch.Generator().manual_seed(0)
     data = {
@@ -59,7 +63,7 @@ def make_task(name: str, batch: int, dtype: torch.dtype) -> SupervisedTask:
         loss="cross_entropy",
         batch_size=batch,
         seed=0,
-        device=torch.device("cpu"),
+        device=device,
         dtype=dtype,
         augment=CropFlip(4, True) if augment else None,
     )
@@ -70,17 +74,22 @@ def schedule(horizon: int, segments: int) -> HyperSchedule:
     return HyperSchedule(horizon, specs, VALUES)
 
 
+def stamp(stamps: list[float], device: torch.device) -> None:
+    synchronize(device)  # CUDA: wait for the step's kernels
+    stamps.append(time.perf_counter())
+
+
 @contextmanager
-def stamped(stamps: list[float]) -> Any:
+def stamped(stamps: list[float], device: torch.device) -> Any:
     """Record the time after every inner step of ForwardMode's run of ``metahpo.inner.train``."""
 
     def timed_train(*args: Any, on_step: Any = None, **kwargs: Any) -> Any:
         def hook(*a: Any) -> None:
             if on_step is not None:
                 on_step(*a)
-            stamps.append(time.perf_counter())
+            stamp(stamps, device)
 
-        stamps.append(time.perf_counter())
+        stamp(stamps, device)
         return train(*args, on_step=hook, **kwargs)
 
     original = estimators.forward.train
@@ -99,26 +108,23 @@ def step_times(stamps: list[float], keep: list[bool]) -> list[float]:
 def run_plain(task: SupervisedTask, steps: int) -> list[float]:
     flat = FlatTask(task)
     table = schedule(steps, 1).table(task.device, task.dtype)
-    stamps = [time.perf_counter()]
+    stamps: list[float] = []
+    stamp(stamps, task.device)
     with torch.no_grad():
-        train(
-            flat,
-            table,
-            flat.init_state(),
-            steps,
-            on_step=lambda *a: stamps.append(time.perf_counter()),
-        )
+        train(flat, table, flat.init_state(), steps, on_step=lambda *a: stamp(stamps, task.device))
     return step_times(stamps, [True] * steps)
 
 
-def run_forward(task: SupervisedTask, steps: int, columns: int) -> list[float]:
+def run_forward(
+    task: SupervisedTask, steps: int, columns: int, estimator: ForwardMode
+) -> list[float]:
     per_type = columns // len(HYPERPARAMETERS)
     sched = schedule(steps * per_type, per_type)  # the last segment spans the last `steps` steps
     starts = sorted(s for n in HYPERPARAMETERS for s in sched.segment_starts(n))
     active = [sum(s <= t for s in starts) == columns for t in range(sched.horizon)]
     stamps: list[float] = []
-    with stamped(stamps):
-        ForwardMode().hypergradient(task, sched)
+    with stamped(stamps, task.device):
+        estimator.hypergradient(task, sched)
     return step_times(stamps, active)
 
 
@@ -127,8 +133,10 @@ def run_next_buffers(task: SupervisedTask) -> list[float]:
     batch = task.batch(0)
     out = []
     for _ in range(2):
+        synchronize(task.device)
         start = time.perf_counter()
         task.next_buffers(params, buffers, batch)
+        synchronize(task.device)
         out.append(time.perf_counter() - start)
     return out[1:]
 
@@ -145,7 +153,15 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--columns", type=int, nargs="+", default=[3], help="multiples of 3")
+    p.add_argument(
+        "--hvp",
+        nargs="+",
+        default=["fwd_rev"],
+        choices=["fwd_rev", "rev_rev", "fwd_rev/1"],
+        help="forward mode's Hessian-vector products (fwd_rev/1: fwd_rev with chunk_size 1)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument(
         "--threads",
         type=int,
@@ -159,26 +175,36 @@ def main() -> None:
     if any(c % 3 or c < 3 for c in args.columns):
         p.error("--columns must be multiples of 3 (lr, momentum and weight decay alike)")
     dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device)
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, "
         f"{args.dtype}, batch {args.batch}, {args.repeats} interleaved repeats, "
         f"load average at start {os.getloadavg()[0]:.1f}\n"
     )
-    modes = ["plain", *(f"forward C={c}" for c in args.columns)]
+    estimators = {
+        hvp: ForwardMode(hvp=hvp.split("/")[0], chunk_size=1 if hvp.endswith("/1") else None)
+        for hvp in args.hvp
+    }
+    label = {hvp: "forward" if hvp == "fwd_rev" else f"forward {hvp}" for hvp in args.hvp}
+    forward_modes = {
+        f"{label[h]} C={c}": (c, est) for c in args.columns for h, est in estimators.items()
+    }
+    modes = ["plain", *forward_modes]
     header = " | ".join(f"{m} s/step" for m in modes)
     ratios = " | ".join(f"{m} / plain" for m in modes[1:])
     print(f"| model | input | params | {header} | {ratios} | next_buffers s |")
-    print("|---" * (4 + 2 * len(args.columns) + 1) + "|")
+    print("|---" * (4 + 2 * len(forward_modes) + 1) + "|")
     for name in args.models:
-        task = make_task(name, args.batch, dtype)
+        task = make_task(name, args.batch, dtype, device)
         steps = args.steps or MODELS[name][4]
         times: dict[str, list[float]] = {m: [] for m in modes}
         nb: list[float] = []
         for _ in range(args.repeats):  # interleaved: load drifts hit every mode alike
             times["plain"] += run_plain(task, steps)
-            for c in args.columns:
-                times[f"forward C={c}"] += run_forward(task, steps, c)
+            for mode, (c, est) in forward_modes.items():
+                times[mode] += run_forward(task, steps, c, est)
             nb += run_next_buffers(task)
         med = {m: statistics.median(v) for m, v in times.items()}
         desc, shape = MODELS[name][:2]
