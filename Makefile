@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-vision clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/hvp.py
+
+bench-vision: $(STAMP)
+	$(PY) benchmarks/vision_step.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb

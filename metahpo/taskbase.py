@@ -2,12 +2,18 @@
 
 A concrete task (``tasks/digits.py``...) only loads its data and builds its model, then calls
 ``SupervisedTask.__init__``; everything an estimator touches is implemented once, here.
+
+Batch-norm: ``train_loss`` normalises with the batch's own statistics and never reads or writes
+the running statistics, so it is a pure function that ``torch.func`` transforms and double
+backward can differentiate; ``next_buffers`` advances the running statistics (under no_grad, in
+the primal pass only); ``val_loss`` and ``evaluate`` use them as constants (eval mode).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -20,12 +26,35 @@ from metahpo.core import Batch, Buffers, ConfigError, Params
 Split = Literal["train", "val", "test"]
 
 
+@contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """Within the block, batch-norm layers in train mode leave their running statistics alone.
+
+    With ``track_running_stats`` off, torch's batch-norm passes no running statistics to
+    ``F.batch_norm`` in train mode: it normalises with the batch statistics and mutates nothing,
+    which is what a pure, differentiable training loss needs. The flag is restored on exit.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 class SupervisedTask:
     """A model and train / validation / test tensors, with losses over parameter dicts.
 
     Args:
         name: task name used in results.
-        data: ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` CPU tensors.
+        data: ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` tensors; moved to ``device``
+            (floating ones to ``dtype``) once, here.
         make_model: builds the architecture; called under the seed so weights are reproducible.
         loss: ``"cross_entropy"`` (classification, reports accuracy) or ``"mse"`` (regression,
             half mean squared error).
@@ -33,7 +62,9 @@ class SupervisedTask:
             dropped, so every step sees the same number of examples.
         seed: fixes the initial weights and the batch order.
         device, dtype: where the data and parameters live.
-        augment: optional ``(x, generator) -> x`` applied to every training batch (seeded).
+        augment: optional ``(x, generator) -> x`` applied to every training batch; the
+            generator lives on ``device`` and is seeded by (seed, step), so batches are
+            deterministic.
         eval_batch_size: chunk size for validation / test passes.
     """
 
@@ -110,7 +141,7 @@ class SupervisedTask:
         x, y = self.data["train"]
         xb = x[idx]
         if self.augment is not None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
+            g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
             xb = self.augment(xb, g)
         return xb, y[idx]
 
@@ -124,14 +155,17 @@ class SupervisedTask:
         return functional_call(self.model, (params, buffers), (x,))
 
     def train_loss(self, params: Params, buffers: Buffers, batch: Batch) -> Tensor:
+        """Mean loss on ``batch`` in train mode; pure (batch-norm uses batch statistics only)."""
         self.model.train()
         x, y = batch
-        return self._loss(self._forward(params, buffers, x), y)
+        with batch_statistics_only(self.model):
+            return self._loss(self._forward(params, buffers, x), y)
 
     def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
+        """Running statistics after a train-mode pass on ``batch`` (new tensors, no gradient)."""
         if not buffers:
             return buffers
-        new = {k: b.clone() for k, b in buffers.items()}
+        new = {k: b.detach().clone() for k, b in buffers.items()}
         self.model.train()
         with torch.no_grad():
             self._forward(params, new, batch[0])  # batch-norm updates ``new`` in place

@@ -12,19 +12,15 @@ from torch import nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus}
+from tasks.models import make_activation
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
     """``Linear -> activation`` for every hidden width, then a linear read-out."""
-    if activation not in ACTIVATIONS:
-        raise ConfigError(
-            f"task.activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}"
-        )
+    make_activation(activation, key="task.activation")  # fail before building anything
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(n_in, int(width)), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(n_in, int(width)), make_activation(activation, "task.activation")]
         n_in = int(width)
     layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)

@@ -62,8 +62,20 @@ def make_schedule(
     return HyperSchedule(horizon, specs, values)
 
 
+def _next_buffers(task, params, buffers, batch):
+    """Batch-norm statistics after a step, as ``metahpo.inner.train`` advances them: from the
+    parameters before the step, on the same batch, never differentiated."""
+    if not buffers:
+        return buffers
+    with torch.no_grad():
+        return task.next_buffers({k: p.detach() for k, p in params.items()}, buffers, batch)
+
+
 def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, torch.Tensor]]:
-    """Plain autograd through the whole unrolled run, written out step by step."""
+    """Plain autograd through the whole unrolled run, written out step by step.
+
+    Buffers (batch-norm running statistics) follow the run but are not differentiated.
+    """
     values = {
         n: schedule.values[n].to(task.dtype).clone().requires_grad_(True) for n in HYPERPARAMETERS
     }
@@ -73,12 +85,14 @@ def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, 
     for t in range(schedule.horizon):
         lr, mu, wd = (values[n][index[n][t]] for n in HYPERPARAMETERS)
         params = {k: p if p.requires_grad else p.requires_grad_(True) for k, p in params.items()}
-        loss = task.train_loss(params, buffers, task.batch(t))
+        batch = task.batch(t)
+        loss = task.train_loss(params, buffers, batch)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         new_params = {}
         for (k, p), g in zip(params.items(), grads, strict=True):
             velocity[k] = mu * velocity[k] + g + wd * p
             new_params[k] = p - lr * velocity[k]
+        buffers = _next_buffers(task, params, buffers, batch)
         params = new_params
     meta = task.val_loss(params, buffers)
     learned = [n for n in schedule.learned]
@@ -90,35 +104,55 @@ def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, 
     return float(meta.detach()), out
 
 
-def final_val_loss(task, schedule: HyperSchedule) -> float:
-    """Validation loss after a plain (no-grad) run, written independently of metahpo.inner."""
+def final_run(task, schedule: HyperSchedule):
+    """Parameters and buffers after a plain (no-grad) run, written independently of
+    metahpo.inner."""
     index = {n: schedule.segment_index(n) for n in HYPERPARAMETERS}
-    params, buffers = task.init_params()
+    params, run_buffers = task.init_params()
     velocity = {k: torch.zeros_like(p) for k, p in params.items()}
     for t in range(schedule.horizon):
         lr, mu, wd = (float(schedule.values[n][index[n][t]]) for n in HYPERPARAMETERS)
+        batch = task.batch(t)
         ps = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        grads = torch.autograd.grad(task.train_loss(ps, buffers, task.batch(t)), list(ps.values()))
+        grads = torch.autograd.grad(task.train_loss(ps, run_buffers, batch), list(ps.values()))
+        run_buffers = _next_buffers(task, params, run_buffers, batch)
         with torch.no_grad():
             for (k, p), g in zip(params.items(), grads, strict=True):
                 velocity[k] = mu * velocity[k] + g + wd * p
                 params[k] = p - lr * velocity[k]
+    return params, run_buffers
+
+
+def final_val_loss(task, schedule: HyperSchedule, buffers=None) -> float:
+    """Validation loss after a plain (no-grad) run, written independently of metahpo.inner.
+
+    Args:
+        buffers: evaluate with these buffers instead of the run's own (None: the run's).
+    """
+    params, run_buffers = final_run(task, schedule)
     with torch.no_grad():
-        return float(task.val_loss(params, buffers))
+        return float(task.val_loss(params, run_buffers if buffers is None else buffers))
 
 
 def central_differences(
-    task, schedule: HyperSchedule, eps: float = 1e-5
+    task, schedule: HyperSchedule, eps: float = 1e-5, *, freeze_buffers: bool = True
 ) -> dict[str, torch.Tensor]:
-    """d L_val / d h for every shared value, by float64 central differences."""
+    """d L_val / d h for every shared value, by float64 central differences.
+
+    With ``freeze_buffers`` the validation loss of every perturbed run is taken with the
+    buffers (batch-norm running statistics) of the unperturbed run: the derivative that treats
+    them as constants, which is what the estimators compute (PAPER.md). Tasks without buffers
+    are unaffected.
+    """
+    frozen = final_run(task, schedule)[1] if freeze_buffers and task.init_params()[1] else None
     out = {n: torch.zeros_like(schedule.values[n]) for n in HYPERPARAMETERS}
     for n in schedule.learned:
         for k in range(schedule.specs[n].n_segments):
             plus, minus = schedule.values[n].clone(), schedule.values[n].clone()
             plus[k] += eps
             minus[k] -= eps
-            f_plus = final_val_loss(task, schedule.replace({n: plus}))
-            f_minus = final_val_loss(task, schedule.replace({n: minus}))
+            f_plus = final_val_loss(task, schedule.replace({n: plus}), frozen)
+            f_minus = final_val_loss(task, schedule.replace({n: minus}), frozen)
             out[n][k] = (f_plus - f_minus) / (2 * eps)
     return out
 
