@@ -57,8 +57,8 @@ class CostMeter:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> CostMeter:
+        synchronize(self.device)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
@@ -79,14 +79,19 @@ class CostMeter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.seconds = time.perf_counter() - self._start
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self.seconds = time.perf_counter() - self._start
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
             self._max = max(self._max, _rss_bytes())
             self.peak = self._max - self._base
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (for honest timings on CUDA; a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
