@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -15,7 +15,8 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, train
 from metahpo.schedule import HyperSchedule
 
-HVPMode = Literal["fwd_rev", "rev_rev"]
+HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
+HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
 
 # torch's forward-mode AD scripts its own decompositions on first use and warns about its own
 # call to torch.jit.script; nothing a user can act on.
@@ -46,10 +47,13 @@ class ForwardMode:
     about ``T (1 + 2 C_active)`` gradient evaluations.
 
     Args:
-        hvp: ``"fwd_rev"``: ``torch.func`` forward-over-reverse (``jvp`` of ``grad``) vmapped over
-            columns, which also returns the gradient; ``"rev_rev"``: double backward with
-            batched grad outputs. ``fwd_rev`` is the default, chosen by measurement
-            (docs/benchmarks.md).
+        hvp: how Hessian-vector products are computed. ``"fwd_rev"``: ``torch.func``
+            forward-over-reverse (``jvp`` of ``grad``) vmapped over columns, which also returns
+            the gradient; ``"rev_rev"``: double backward with batched grad outputs. Neither wins
+            everywhere (docs/benchmarks.md: ``fwd_rev`` on LeNet and wide MLPs, ``rev_rev`` on
+            the small MLP and on WRN-16-1 on CPU), so the default ``"auto"`` times both on the
+            first step that has started columns and keeps the faster one for this task,
+            device and dtype (reported as ``metrics["hvp"]``). Both are exact.
         chunk_size: columns per vectorised Hessian-vector product (None: all at once).
         clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
         clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
@@ -59,13 +63,15 @@ class ForwardMode:
 
     def __init__(
         self,
-        hvp: HVPMode = "fwd_rev",
+        hvp: HVPMode = "auto",
         chunk_size: int | None = None,
         clamp_grad: float | None = None,
         clamp_hvp: float | None = None,
     ) -> None:
-        if hvp not in ("fwd_rev", "rev_rev"):
-            raise ConfigError(f"estimator.hvp={hvp!r} is unknown; allowed: fwd_rev, rev_rev")
+        if hvp not in ("auto", *HVP_FORMULATIONS):
+            raise ConfigError(
+                f"estimator.hvp={hvp!r} is unknown; allowed: auto, {', '.join(HVP_FORMULATIONS)}"
+            )
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"estimator.chunk_size={chunk_size} must be a positive integer")
         for key, c in (("clamp_grad", clamp_grad), ("clamp_hvp", clamp_hvp)):
@@ -75,6 +81,7 @@ class ForwardMode:
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad
         self.clamp_hvp = clamp_hvp
+        self._measured: dict[tuple[str, int, str, str], str] = {}
 
     @property
     def exact(self) -> bool:
@@ -152,18 +159,43 @@ class ForwardMode:
         }
         for i, (_, name, k) in enumerate(cols):
             grads[name][k] = total[i]
-        metrics = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
+        metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
+        metrics["hvp"] = self.hvp if self.hvp != "auto" else self._measured.get(_key(flat))
         return float(meta_loss), grads, metrics
 
     def _grad_and_hvp(
         self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Training gradient at ``st.theta`` and ``H Z^T`` for the rows of ``Z``."""
+        mode = self.hvp
+        if mode == "auto":
+            key = _key(flat)
+            if key not in self._measured:
+                self._measured[key] = self._fastest(flat, st, batch, Z)
+            mode = self._measured[key]
+        g, hz = self._hvp(mode, flat, st, batch, Z)
+        if self.clamp_hvp is not None:
+            hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
+        return g, hz
 
+    def _fastest(self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor) -> str:
+        """Time each formulation (one warm-up, then the best of two, interleaved)."""
+        times: dict[str, float] = {mode: float("inf") for mode in HVP_FORMULATIONS}
+        for repeat in range(3):
+            for mode in HVP_FORMULATIONS:
+                with CostMeter(flat.task.device, sample_memory=False) as cost:
+                    self._hvp(mode, flat, st, batch, Z)
+                if repeat:
+                    times[mode] = min(times[mode], cost.seconds)
+        return min(times, key=times.__getitem__)
+
+    def _hvp(
+        self, mode: str, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
+    ) -> tuple[Tensor, Tensor]:
         def loss(theta: Tensor) -> Tensor:
             return flat.train_loss(theta, st.buffers, batch)
 
-        if self.hvp == "fwd_rev":
+        if mode == "fwd_rev":
             gradf = grad(loss)
 
             def column(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,15 +207,17 @@ class ForwardMode:
             if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
                 rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]
                 hz = torch.cat([hz, *rest])
-        else:
-            theta = st.theta.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
-                hz = _batched_vjp(g, theta, Z, self.chunk_size)
-            g = g.detach()
-        if self.clamp_hvp is not None:
-            hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
-        return g, hz
+            return g, hz
+        theta = st.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+            hz = _batched_vjp(g, theta, Z, self.chunk_size)
+        return g.detach(), hz
+
+
+def _key(flat: FlatTask) -> tuple[str, int, str, str]:
+    task = flat.task
+    return (task.name, flat.n_params, str(task.device), str(task.dtype))
 
 
 def _batched_vjp(out: Tensor, inp: Tensor, vs: Tensor, chunk: int | None) -> Tensor:

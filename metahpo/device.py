@@ -42,15 +42,19 @@ class CostMeter:
     """Wall time and peak memory of a block of code: ``with CostMeter(device) as cost: ...``.
 
     ``cost.seconds``: wall time, with queued CUDA kernels waited for at both ends.
-    ``cost.peak``: peak memory above the level at the start, in bytes. CUDA: the caching
+    ``cost.peak``: peak memory above the level at the start, in bytes (0 on CPU with
+    ``sample_memory=False``, which skips the sampling thread for short timings). CUDA: the caching
     allocator's peak. CPU: the process's resident set, sampled every millisecond by a background
     thread (PyTorch keeps no CPU peak counter); allocations that live shorter than a millisecond
     can be missed, so CPU figures are a close lower bound.
     """
 
-    def __init__(self, device: torch.device, interval: float = 1e-3) -> None:
+    def __init__(
+        self, device: torch.device, interval: float = 1e-3, sample_memory: bool = True
+    ) -> None:
         self.device = device
         self.interval = interval
+        self.sample_memory = sample_memory
         self.peak = 0
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -61,7 +65,7 @@ class CostMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
+        elif self.sample_memory:
             self._base = self._max = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -83,7 +87,7 @@ class CostMeter:
         self.seconds = time.perf_counter() - self._start
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
+        elif self.sample_memory:
             self._stop.set()
             assert self._thread is not None
             self._thread.join()

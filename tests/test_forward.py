@@ -147,3 +147,24 @@ def test_reports_costs(digits_small) -> None:
     assert hg.seconds > 0
     assert hg.peak_memory >= 0
     assert 0.0 <= hg.metrics["val_accuracy"] <= 1.0
+
+
+def test_auto_hvp_measures_once_and_agrees_with_both(monkeypatch, digits_small) -> None:
+    schedule = make_schedule(9, 3)
+    calls: list[str] = []
+    original = ForwardMode._fastest
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(ForwardMode, "_fastest", spy)
+    auto = ForwardMode()
+    first = auto.hypergradient(digits_small, schedule)
+    second = auto.hypergradient(digits_small, schedule)
+    assert len(calls) == 1 and first.metrics["hvp"] == calls[0] == second.metrics["hvp"]
+    assert calls[0] in ("fwd_rev", "rev_rev")
+    for hvp in ("fwd_rev", "rev_rev"):
+        fixed = ForwardMode(hvp=hvp).hypergradient(digits_small, schedule)
+        assert fixed.metrics["hvp"] == hvp
+        assert_grads_close(first.grads, fixed.grads, rtol=1e-12)
