@@ -9,8 +9,9 @@ the first step of every run is dropped as warm-up, and the median over the rest 
 - ``plain``: what retraining does: gradient, batch-norm running statistics, SGD update.
 - ``forward C=n``: ForwardMode with n learned shared values active at that step (lr, momentum
   and weight decay with n/3 segments each; only steps where all n columns have started count),
-  with its default Hessian-vector products (``fwd_rev``: vmapped jvp of grad); ``--hvp`` adds
-  ``rev_rev`` (double backward) and ``fwd_rev/1`` (fwd_rev one column at a time).
+  with the Hessian-vector products named by ``--hvp``: ``fwd_rev`` (vmapped jvp of grad, the
+  benchmark's default), ``rev_rev`` (double backward, the estimator's default) and
+  ``fwd_rev/1`` (fwd_rev one column at a time).
 - ``next_buffers``: the extra no-grad forward pass that advances batch-norm statistics (part
   of both modes).
 
@@ -187,7 +188,7 @@ def main() -> None:
         hvp: ForwardMode(hvp=hvp.split("/")[0], chunk_size=1 if hvp.endswith("/1") else None)
         for hvp in args.hvp
     }
-    label = {hvp: "forward" if hvp == "fwd_rev" else f"forward {hvp}" for hvp in args.hvp}
+    label = {hvp: f"forward {hvp}" for hvp in args.hvp}
     forward_modes = {
         f"{label[h]} C={c}": (c, est) for c in args.columns for h, est in estimators.items()
     }

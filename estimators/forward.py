@@ -47,13 +47,14 @@ class ForwardMode:
     about ``T (1 + 2 C_active)`` gradient evaluations.
 
     Args:
-        hvp: how Hessian-vector products are computed. ``"fwd_rev"``: ``torch.func``
-            forward-over-reverse (``jvp`` of ``grad``) vmapped over columns, which also returns
-            the gradient; ``"rev_rev"``: double backward with batched grad outputs. Neither wins
-            everywhere (docs/benchmarks.md: ``fwd_rev`` on LeNet and wide MLPs, ``rev_rev`` on
-            the small MLP and on WRN-16-1 on CPU), so the default ``"auto"`` times both on the
-            first step that has started columns and keeps the faster one for this task,
-            device and dtype (reported as ``metrics["hvp"]``). Both are exact.
+        hvp: how Hessian-vector products are computed. ``"rev_rev"`` (default): double backward
+            with batched grad outputs; ``"fwd_rev"``: ``torch.func`` forward-over-reverse
+            (``jvp`` of ``grad``) vmapped over columns, which also returns the gradient;
+            ``"auto"``: time both on the first step that has started columns and keep the
+            faster for this task, device and dtype. Both are exact, but they round differently,
+            so ``auto`` can make float32 runs differ from machine to machine; the default is
+            fixed, and is the faster one on the default MLP and on WRN-16-1
+            (docs/benchmarks.md). ``metrics["hvp"]`` reports the one used.
         chunk_size: columns per vectorised Hessian-vector product (None: all at once).
         clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
         clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
@@ -63,7 +64,7 @@ class ForwardMode:
 
     def __init__(
         self,
-        hvp: HVPMode = "auto",
+        hvp: HVPMode = "rev_rev",
         chunk_size: int | None = None,
         clamp_grad: float | None = None,
         clamp_hvp: float | None = None,

@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_naming_the_key(overrides: list[str], message: str
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["estimator.hvp=magic"], "estimator.hvp='magic' is unknown; allowed: auto, fwd_rev, rev_rev"),
+        (["estimator.hvp=magic"], "estimator.hvp='magic' is unknown; allowed: auto, fwd_rev"),
         (["estimator.chunk_size=0"], "estimator.chunk_size=0 must be a positive integer"),
         (["task.batch_size=5000"], "task.batch_size=5000 must be between 1 and the"),
         (["outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a positive number"),

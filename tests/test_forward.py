@@ -159,7 +159,7 @@ def test_auto_hvp_measures_once_and_agrees_with_both(monkeypatch, digits_small) 
         return calls[-1]
 
     monkeypatch.setattr(ForwardMode, "_fastest", spy)
-    auto = ForwardMode()
+    auto = ForwardMode(hvp="auto")
     first = auto.hypergradient(digits_small, schedule)
     second = auto.hypergradient(digits_small, schedule)
     assert len(calls) == 1 and first.metrics["hvp"] == calls[0] == second.metrics["hvp"]
