@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -33,7 +36,38 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}") from None
 
 
-def _rss_bytes() -> int:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn  # type: ignore[no-any-return]
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def host_bytes_in_use() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc), else the resident set.
+
+    PyTorch's CPU tensors come from malloc, so this follows them exactly; the resident set
+    (the fallback off glibc) does not shrink when memory is freed, so a later, smaller peak
+    can hide behind it.
+    """
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return int(info.uordblks + info.hblkhd)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -44,7 +78,7 @@ class CostMeter:
     ``cost.seconds``: wall time, with queued CUDA kernels waited for at both ends.
     ``cost.peak``: peak memory above the level at the start, in bytes (0 on CPU with
     ``sample_memory=False``, which skips the sampling thread for short timings). CUDA: the caching
-    allocator's peak. CPU: the process's resident set, sampled every millisecond by a background
+    allocator's peak. CPU: :func:`host_bytes_in_use`, sampled every millisecond by a background
     thread (PyTorch keeps no CPU peak counter); allocations that live shorter than a millisecond
     can be missed, so CPU figures are a close lower bound.
     """
@@ -66,7 +100,7 @@ class CostMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif self.sample_memory:
-            self._base = self._max = _rss_bytes()
+            self._base = self._max = host_bytes_in_use()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         self._start = time.perf_counter()
@@ -74,7 +108,7 @@ class CostMeter:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._max = max(self._max, _rss_bytes())
+            self._max = max(self._max, host_bytes_in_use())
             time.sleep(self.interval)
 
     def __exit__(
@@ -91,7 +125,7 @@ class CostMeter:
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
-            self._max = max(self._max, _rss_bytes())
+            self._max = max(self._max, host_bytes_in_use())
             self.peak = self._max - self._base
 
 

@@ -325,11 +325,15 @@ def _results(
         "history": loop.history,
         "final": final,
         "estimator_seconds": sum(h["seconds"] for h in loop.history if h.get("hypergradient")),
-        "estimator_peak_memory_mb": max(
-            (h["peak_memory_mb"] for h in loop.history if h.get("hypergradient")), default=None
-        ),
+        "estimator_peak_memory_mb": _steady_peak(loop.history),
         "wall_time_seconds": wall,
     }
+
+
+def _steady_peak(history: list[dict[str, Any]]) -> float | None:
+    """Largest per-step peak, leaving out the first step's one-time library initialisation."""
+    peaks = [h["peak_memory_mb"] for h in history if h.get("hypergradient")]
+    return max(peaks[1:] or peaks, default=None)
 
 
 def _write(
