@@ -3,8 +3,8 @@
 For each horizon, one hypergradient on digits (MLP 64-128-10, batch 128, 10 segments x 3 types)
 per estimator, interleaved (horizon by horizon, estimator by estimator, repeat by repeat). Every
 measurement runs in a fresh Python process after a warm-up hypergradient at a tiny horizon, so
-that on CPU the resident-set peak (``Hypergradient.peak_memory``, metahpo.device.CostMeter)
-is not hidden by memory an earlier measurement left to the allocator. Prints a Markdown table:
+that the peak (``Hypergradient.peak_memory``, metahpo.device.CostMeter) excludes one-time
+library initialisation and nothing an earlier measurement left behind. Prints a Markdown table:
 median seconds, largest peak memory, both as ratios to forward mode, and the largest relative
 difference of each hypergradient from forward mode's (a sanity check; truncation shows its bias).
 

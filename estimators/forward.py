@@ -91,14 +91,7 @@ class ForwardMode:
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         with CostMeter(task.device) as cost:
             meta_loss, grads, metrics = self._run(task, schedule)
-        return Hypergradient(
-            meta_loss=meta_loss,
-            grads=grads,
-            seconds=cost.seconds,
-            peak_memory=cost.peak,
-            inner_steps=schedule.horizon,
-            metrics=metrics,
-        )
+        return Hypergradient(meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics)
 
     # -- the method ----------------------------------------------------------------------------
     def _run(

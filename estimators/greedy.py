@@ -84,13 +84,7 @@ class Greedy:
         with CostMeter(task.device) as cost:
             meta_loss, grads, final, metrics = self._run(task, schedule)
         return Hypergradient(
-            meta_loss=meta_loss,
-            grads=grads,
-            seconds=cost.seconds,
-            peak_memory=cost.peak,
-            inner_steps=schedule.horizon,
-            metrics=metrics,
-            schedule=final,
+            meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics, schedule=final
         )
 
     def _run(
