@@ -34,7 +34,7 @@ from torch import Tensor
 
 from metahpo.core import Batch, Buffers, DivergenceError, Hypergradient, Params, Task
 from metahpo.device import CostMeter
-from metahpo.inner import sgd_step
+from metahpo.inner import sgd_step, val_loss_and_grad
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
 
 
@@ -109,8 +109,10 @@ class ExactReverse:
                 fast = list(new)
             params = dict(zip(names, fast, strict=True))
             _check_finite(params, schedule)
-            meta = task.val_loss(params, buffers)
-            got = torch.autograd.grad(meta, list(leaves.values()), allow_unused=True)
+            meta, g_val = val_loss_and_grad(task, params, buffers)
+            got = torch.autograd.grad(
+                fast, list(leaves.values()), [g_val[n] for n in names], allow_unused=True
+            )
         grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
         for name, g in zip(leaves, got, strict=True):
             if g is not None:
@@ -118,7 +120,7 @@ class ExactReverse:
         with torch.no_grad():
             detached = {k: p.detach() for k, p in params.items()}
             metrics = {"val_accuracy": task.evaluate(detached, buffers, "val")["accuracy"]}
-        return float(meta.detach()), grads, metrics
+        return meta, grads, metrics
 
 
 def _next_buffers(task: Task, params: Params, buffers: Buffers, batch: Batch) -> Buffers:

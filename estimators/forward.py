@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -145,7 +144,7 @@ class ForwardMode:
                 Z[col_of["lr", seg["lr"][t]]].sub_(new.velocity)
 
         state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
-        g_val, meta_loss = _grad_and_value(flat.val_loss, state)
+        meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
         total = (Z @ g_val).to(device="cpu", dtype=torch.float64)
         grads = {
             name: torch.zeros(schedule.specs[name].n_segments, dtype=torch.float64)
@@ -155,7 +154,7 @@ class ForwardMode:
             grads[name][k] = total[i]
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
         metrics["hvp"] = self.hvp if self.hvp != "auto" else self._measured.get(_key(flat))
-        return float(meta_loss), grads, metrics
+        return meta_loss, grads, metrics
 
     def _grad_and_hvp(
         self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
@@ -223,9 +222,3 @@ def _batched_vjp(out: Tensor, inp: Tensor, vs: Tensor, chunk: int | None) -> Ten
         )
         parts.append(p)
     return torch.cat(parts)
-
-
-def _grad_and_value(
-    fn: Callable[[Tensor, dict], Tensor], state: InnerState
-) -> tuple[Tensor, Tensor]:
-    return torch.func.grad_and_value(fn)(state.theta, state.buffers)

@@ -92,6 +92,11 @@ class FlatTask:
     def val_loss(self, theta: Tensor, buffers: Buffers) -> Tensor:
         return self.task.val_loss(self.unflatten(theta), buffers)
 
+    def val_loss_and_grad(self, theta: Tensor, buffers: Buffers) -> tuple[float, Tensor]:
+        """Validation loss at ``theta`` and its gradient, flat (see :func:`val_loss_and_grad`)."""
+        loss, grads = val_loss_and_grad(self.task, self.unflatten(theta.detach()), buffers)
+        return loss, self.flatten(grads)
+
     def grad(self, step: int, state: InnerState, batch: Batch) -> Tensor:
         """Training gradient at ``state`` (the default ``grad_fn`` of :func:`train`)."""
         g, _ = grad_and_value(self.train_loss)(state.theta, state.buffers, batch)
@@ -109,6 +114,32 @@ class FlatTask:
 
 
 PROGRESS_MIN_STEPS = 2000
+
+
+def val_loss_and_grad(task: Task, params: Params, buffers: Buffers) -> tuple[float, Params]:
+    """The meta-objective ``L_val(params)`` and its gradient with respect to ``params``.
+
+    Accumulated one validation chunk at a time when the task offers ``val_loss_terms`` (as
+    :class:`~metahpo.taskbase.SupervisedTask` does), so memory holds one chunk's activations
+    rather than the whole split's; otherwise from ``task.val_loss`` in one pass. Reverse-mode
+    estimators backpropagate this gradient through their tape, forward mode contracts its
+    tangents with it.
+    """
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    grads = {k: torch.zeros_like(p) for k, p in leaves.items()}
+    total = 0.0
+    with torch.enable_grad():
+        terms_of = getattr(task, "val_loss_terms", None)
+        terms = terms_of(leaves, buffers) if terms_of else [task.val_loss(leaves, buffers)]
+        for term in terms:
+            parts = torch.autograd.grad(term, list(leaves.values()), allow_unused=True)
+            for k, g in zip(leaves, parts, strict=True):
+                if g is not None:
+                    grads[k] += g
+            total += float(term.detach())
+    return total, grads
+
+
 GradFn = Callable[[int, InnerState, Batch], Tensor]
 StepHook = Callable[[int, InnerState, InnerState, Batch], None]
 

@@ -96,11 +96,13 @@ def window_hypergradient(
             stop,
             grad_fn=lambda t, st, batch: grad_with_graph(flat, t, st, batch),
         )
-        meta = flat.val_loss(end.theta, end.buffers)
-        got = torch.autograd.grad(meta, list(leaves.values()), allow_unused=True)
+        meta, g_val = flat.val_loss_and_grad(end.theta, end.buffers)
+        got: tuple[Tensor | None, ...] = (None,) * len(leaves)
+        if end.theta.requires_grad:  # else no value in force touched the window's run
+            got = torch.autograd.grad(end.theta, list(leaves.values()), g_val, allow_unused=True)
     grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
     for name, g in zip(leaves, got, strict=True):
         if g is not None:
             grads[name] = g.detach().to(torch.float64)
     after = InnerState(end.theta.detach(), end.velocity.detach(), end.buffers, end.step)
-    return Window(after, float(meta.detach()), grads)
+    return Window(after, meta, grads)

@@ -174,6 +174,22 @@ class SupervisedTask:
     def val_loss(self, params: Params, buffers: Buffers) -> Tensor:
         return self._split_metrics(params, buffers, "val", differentiable=True)[0]
 
+    def val_loss_terms(self, params: Params, buffers: Buffers) -> Iterator[Tensor]:
+        """The validation loss as a sum of per-chunk terms (``eval_batch_size`` images each).
+
+        Differentiating term by term (:func:`metahpo.inner.val_loss_and_grad`) holds one
+        chunk's activations at a time instead of the whole validation split's.
+        """
+        self.model.eval()
+        try:
+            x, y = self.data["val"]
+            n = len(y)
+            for i in range(0, n, self.eval_batch_size):
+                xb, yb = x[i : i + self.eval_batch_size], y[i : i + self.eval_batch_size]
+                yield self._loss(self._forward(params, buffers, xb), yb) * (len(yb) / n)
+        finally:
+            self.model.train()
+
     def evaluate(self, params: Params, buffers: Buffers, split: str = "test") -> dict[str, float]:
         if split not in self.data:
             raise ConfigError(f"split={split!r} is unknown; allowed: {', '.join(self.data)}")

@@ -194,3 +194,17 @@ def test_optimiser_config_errors() -> None:
         Adam({"lr": 0.1, "momentum": "x"})
     with pytest.raises(ConfigError, match="no entry for lr"):
         SignDescent({"momentum": 0.1}).init(_schedule([0.1]))
+
+
+def test_validation_gradient_is_accumulated_chunk_by_chunk(digits_small) -> None:
+    """Chunked (one chunk's activations at a time) and one-pass gradients agree."""
+    from metahpo.inner import val_loss_and_grad
+
+    params, buffers = digits_small.init_params()
+    digits_small.eval_batch_size = 50  # 288 validation images: 6 chunks
+    assert len(list(digits_small.val_loss_terms(params, buffers))) == 6
+    loss, grads = val_loss_and_grad(digits_small, params, buffers)
+    full = torch.func.grad_and_value(digits_small.val_loss)(params, buffers)
+    assert loss == pytest.approx(float(full[1]), rel=1e-12)
+    for k in params:
+        torch.testing.assert_close(grads[k], full[0][k], rtol=1e-12, atol=1e-14)
