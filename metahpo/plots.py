@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
 
@@ -30,13 +31,20 @@ def plot_schedules(schedules: dict[str, HyperSchedule], path: Path, title: str =
     return _save(fig, path, title)
 
 
-def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Meta-loss (validation loss after the inner run) and validation accuracy per outer step."""
+def plot_history(
+    history: Sequence[dict[str, Any]], path: Path, title: str = "", selected: int | None = None
+) -> Path:
+    """Meta-loss (validation loss after the inner run) and validation accuracy per outer step,
+    with the selected (reported) schedule's step starred."""
     history = [h for h in history if h.get("meta_loss") is not None]
     steps = [h["outer_step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(steps, [h["meta_loss"] for h in history], "o-", label="meta-loss (val loss)")
+    chosen = [h for h in history if h["outer_step"] == selected and not h.get("online")]
+    if chosen:
+        ax.plot(selected, chosen[-1]["meta_loss"], "*", ms=16, color="tab:red", label="selected")
     ax.set_xlabel("outer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation loss (log)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")

@@ -355,7 +355,9 @@ def _write(
         )
     )
     if loop.history:
-        files.append(plot_history(loop.history, out_dir / "meta_loss.png", title))
+        files.append(
+            plot_history(loop.history, out_dir / "meta_loss.png", title, selected=loop.selected)
+        )
     return files
 
 
