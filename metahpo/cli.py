@@ -6,11 +6,16 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metahpo.config import check_overrides, config_dir
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.runner import format_table, run
+
+# Jobs of this process's sweep that failed: a bad job is reported and the sweep goes on, and the
+# command exits non-zero at the end.
+_failed_jobs: list[str] = []
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -20,13 +25,18 @@ def _fail(message: str, code: int = 2) -> None:
 
 @hydra.main(version_base=None, config_path=str(config_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
-    out = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    out = hydra_cfg.runtime.output_dir
     try:
         results = run(cfg, out)
-    except ConfigError as e:
-        _fail(str(e))
-    except DivergenceError as e:
-        _fail(str(e), code=1)
+    except (ConfigError, DivergenceError) as e:
+        code = 2 if isinstance(e, ConfigError) else 1
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            _fail(str(e), code)
+        job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+        print(f"metahpo: error in {job}: {e}", file=sys.stderr)
+        _failed_jobs.append(job)
+        return
     print(format_table(results))
     print(f"results, plots and config: {out}")
 
@@ -41,6 +51,8 @@ def main() -> None:
     except ConfigError as e:
         _fail(str(e))
     _app()
+    if _failed_jobs:
+        _fail(f"{len(_failed_jobs)} sweep job(s) failed: {'; '.join(_failed_jobs)}", code=1)
 
 
 if __name__ == "__main__":

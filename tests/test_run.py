@@ -229,3 +229,18 @@ def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split()
     assert lines[0] == str(site / "metahpo" / "configs") and lines[1] == "50"
+
+
+def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "metahpo", "-m", *QUICK, "estimator=truncated_reverse",
+         "estimator.K=300,5", f"hydra.sweep.dir={tmp_path}/sweep"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("metahpo: error")]
+    assert errors[0].startswith("metahpo: error in job 0 (")
+    assert "estimator.K=300 must be an integer from 1 to the horizon (20)" in errors[0]
+    assert errors[-1].startswith("metahpo: error: 1 sweep job(s) failed")
+    assert not (tmp_path / "sweep" / "0" / "results.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["outer_steps"] == 2
