@@ -12,7 +12,7 @@ from metahpo.core import ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
-from metahpo.schedule import HyperSchedule
+from metahpo.schedule import HyperSchedule, positive_per_type, require_types
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
@@ -66,18 +66,13 @@ class Greedy:
         if update not in ("sign", "gradient"):
             raise ConfigError(f"estimator.update={update!r} is unknown; allowed: sign, gradient")
         self.update = update
-        sizes = dict(DEFAULT_STEP_SIZE if step_size is None else step_size)
-        for key, s in sizes.items():
-            if isinstance(s, bool) or not isinstance(s, int | float) or not s > 0:
-                raise ConfigError(f"estimator.step_size.{key}={s!r} must be a positive number")
-        self.step_size = {str(k): float(s) for k, s in sizes.items()}
+        sizes = DEFAULT_STEP_SIZE if step_size is None else step_size
+        self.step_size = positive_per_type("estimator.step_size", sizes)
 
     def check(self, schedule: HyperSchedule) -> None:
         """Raise ConfigError unless W fits the horizon and every learned type has a step size."""
         check_window("W", self.W, schedule.horizon)
-        missing = [n for n in schedule.learned if n not in self.step_size]
-        if missing:
-            raise ConfigError(f"estimator.step_size has no entry for {', '.join(missing)}")
+        require_types("estimator.step_size", self.step_size, schedule)
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)

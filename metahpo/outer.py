@@ -14,25 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metahpo.core import ConfigError
-from metahpo.schedule import HyperSchedule
+from metahpo.schedule import HyperSchedule, positive_per_type, require_types
 
 State = dict[str, Any]
-
-
-def _positive_per_type(key: str, values: Mapping[str, float]) -> dict[str, float]:
-    out = {}
-    for name, v in values.items():
-        if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
-            raise ConfigError(f"outer.{key}.{name}={v!r} must be a positive number")
-        out[str(name)] = float(v)
-    return out
-
-
-def _require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:
-    missing = [n for n in schedule.learned if n not in per_type]
-    if missing:
-        raise ConfigError(f"outer.optimizer.{key} has no entry for {', '.join(missing)}")
 
 
 def clip_by_norm(grads: Mapping[str, Tensor], max_norm: float | None) -> dict[str, Tensor]:
@@ -54,11 +38,11 @@ class SignDescent:
     """
 
     def __init__(self, step_size: Mapping[str, float], halve_on_flip: bool = True) -> None:
-        self.step_size = _positive_per_type("step_size", step_size)
+        self.step_size = positive_per_type("outer.step_size", step_size)
         self.halve_on_flip = halve_on_flip
 
     def init(self, schedule: HyperSchedule) -> State:
-        _require_types("step_size", self.step_size, schedule)
+        require_types("outer.optimizer.step_size", self.step_size, schedule)
         return {
             "step": {
                 n: torch.full_like(schedule.values[n], self.step_size[n]) for n in schedule.learned
@@ -113,12 +97,12 @@ class Adam(_ScaledStep):
     def __init__(
         self, lr: Mapping[str, float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12
     ) -> None:
-        self.lr = _positive_per_type("lr", lr)
+        self.lr = positive_per_type("outer.lr", lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
 
     def init(self, schedule: HyperSchedule) -> State:
-        _require_types("lr", self.lr, schedule)
+        require_types("outer.optimizer.lr", self.lr, schedule)
         zeros = {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned}
         return {"m": dict(zeros), "v": dict(zeros), "t": 0, "scale": 1.0}
 
@@ -141,10 +125,10 @@ class SGD(_ScaledStep):
     """Plain gradient descent on the shared values, with a learning rate per type."""
 
     def __init__(self, lr: Mapping[str, float]) -> None:
-        self.lr = _positive_per_type("lr", lr)
+        self.lr = positive_per_type("outer.lr", lr)
 
     def init(self, schedule: HyperSchedule) -> State:
-        _require_types("lr", self.lr, schedule)
+        require_types("outer.optimizer.lr", self.lr, schedule)
         return {"scale": 1.0}
 
     def step(

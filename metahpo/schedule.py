@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metahpo.core import ConfigError
+
 HYPERPARAMETERS: tuple[str, ...] = ("lr", "momentum", "weight_decay")
 
 
@@ -115,6 +117,27 @@ class HyperSchedule:
             f"{n}={[round(x, 5) for x in self.values[n].tolist()]}" for n in HYPERPARAMETERS
         )
         return f"HyperSchedule(T={self.horizon}, {parts})"
+
+
+def positive_per_type(key: str, values: Mapping[str, float]) -> dict[str, float]:
+    """``values`` (a number per hyperparameter type) as floats, each checked positive.
+
+    Raises:
+        ConfigError: ``{key}.{type}=... must be a positive number``.
+    """
+    out = {}
+    for name, v in values.items():
+        if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+            raise ConfigError(f"{key}.{name}={v!r} must be a positive number")
+        out[str(name)] = float(v)
+    return out
+
+
+def require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:
+    """Raise ConfigError unless ``per_type`` has an entry for every learned type."""
+    missing = [n for n in schedule.learned if n not in per_type]
+    if missing:
+        raise ConfigError(f"{key} has no entry for {', '.join(missing)}")
 
 
 def constant_schedule(horizon: int, **values: float) -> HyperSchedule:
