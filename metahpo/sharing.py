@@ -92,9 +92,10 @@ def table(stats: dict[str, Any]) -> str:
     """The statistics as a markdown table."""
     lines = [
         f"S = {stats['seeds']} batch orders, T = {stats['horizon']} steps, "
-        f"sigma^2 = {stats['sigma2']:.3g}, eps = {stats['eps']:.3g}",
+        f"sigma^2 = {stats['sigma2']:.3g}, eps = {stats['eps']:.3g}; "
+        "MSE = variance + bias^2, bound = sigma^2/W + eps^2 (W^2-1)/12",
         "",
-        "| W | variance | variance x W / sigma^2 | bias^2 | MSE | bound sigma^2/W + eps^2 (W^2-1)/12 |",
+        "| W | variance | variance x W / sigma^2 | bias^2 | MSE | bound |",
         "|---|---|---|---|---|---|",
     ]
     for r in stats["windows"]:
