@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,35 +34,43 @@ from metahpo.plots import plot_meta_loss_comparison, plot_schedule_comparison
 
 @dataclass(frozen=True)
 class Metric:
-    """A number of the report: CSV column, ``results.summary`` key, markdown header, format."""
+    """A number of the report: its CSV column, its ``results.summary`` key, and how the
+    markdown shows it (header, format of a value and of a spread, scale)."""
 
     column: str
     key: str
     header: str
-    fmt: Callable[[float], str]
+    fmt: str
+    spread_fmt: str
+    scale: float = 1.0
+
+    def show(self, value: float | None, spread: float | None = None) -> str:
+        """``value`` (or ``value ± spread``) as the markdown shows it; ``n/a`` for None."""
+        if value is None:
+            return "n/a"
+        text = format(self.scale * value, self.fmt)
+        if spread is not None:
+            text += f" ± {format(self.scale * spread, self.spread_fmt)}"
+        return text
 
 
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}"
+def _accuracy(column: str, key: str, header: str) -> Metric:
+    return Metric(column, key, header, fmt=".2f", spread_fmt=".2f", scale=100.0)
 
 
-def _general(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def _seconds(x: float) -> str:
-    return f"{x:.1f}"
+def _loss(column: str, key: str, header: str) -> Metric:
+    return Metric(column, key, header, fmt=".4g", spread_fmt=".2g")
 
 
 METRICS = (
-    Metric("learned_test_accuracy", "learned/test_accuracy", "learned test acc (%)", _percent),
-    Metric("baseline_test_accuracy", "baseline/test_accuracy", "baseline test acc (%)", _percent),
-    Metric("learned_test_loss", "learned/test_loss", "learned test loss", _general),
-    Metric("baseline_test_loss", "baseline/test_loss", "baseline test loss", _general),
-    Metric("meta_loss", "selected/meta_loss", "meta-loss", _general),
-    Metric("outer_steps", "outer_steps", "outer steps", _general),
-    Metric("wall_time_seconds", "wall_time_seconds", "wall time (s)", _seconds),
-    Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", _seconds),
+    _accuracy("learned_test_accuracy", "learned/test_accuracy", "learned acc (%)"),
+    _accuracy("baseline_test_accuracy", "baseline/test_accuracy", "baseline acc (%)"),
+    _loss("learned_test_loss", "learned/test_loss", "learned test loss"),
+    _loss("baseline_test_loss", "baseline/test_loss", "baseline test loss"),
+    _loss("meta_loss", "selected/meta_loss", "meta-loss"),
+    Metric("outer_steps", "outer_steps", "outer steps", fmt="g", spread_fmt=".2g"),
+    Metric("wall_time_seconds", "wall_time_seconds", "wall time (s)", fmt=".1f", spread_fmt=".1f"),
+    Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", ".1f", ".1f"),
 )
 # Config keys that never tell two runs' methods apart.
 _NOT_A_SETTING = ("seed", "progress", "resume", "logger.", "hydra.")
@@ -176,12 +185,6 @@ def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(value: Any, fmt: Callable[[float], str], spread: Any = None) -> str:
-    if value is None:
-        return "n/a"
-    return fmt(value) if spread is None else f"{fmt(value)} ± {fmt(spread)}"
-
-
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -196,7 +199,7 @@ def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
             s["estimator"],
             s["task"],
             s["seeds"],
-            *(_cell(s[f"{m.column}_mean"], m.fmt, s[f"{m.column}_std"]) for m in METRICS),
+            *(m.show(s[f"{m.column}_mean"], s[f"{m.column}_std"]) for m in METRICS),
         ]
         for s in summary
     ]
@@ -231,7 +234,7 @@ def write_report(runs: Sequence[Run], out: Path) -> list[Path]:
                 r["estimator"],
                 r["task"],
                 str(r["seed"]),
-                *(_cell(r[m.column], m.fmt) for m in METRICS),
+                *(m.show(r[m.column]) for m in METRICS),
                 r["run_dir"],
             ]
             for r in rows
@@ -314,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--group", help="W&B group with --wandb (default: the runs' sweep)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         runs = find_runs(args.dirs)
     except ValueError as e:
