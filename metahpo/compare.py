@@ -73,7 +73,7 @@ METRICS = (
     Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", ".1f", ".1f"),
 )
 # Config keys that never tell two runs' methods apart.
-_NOT_A_SETTING = ("seed", "progress", "resume", "logger.", "hydra.")
+_NOT_A_SETTING = ("seed", "final.seeds", "progress", "resume", "logger.", "hydra.")
 
 
 @dataclass

@@ -14,7 +14,6 @@ import torch
 import metahpo
 from estimators.forward import ForwardMode
 from metahpo.core import DivergenceError
-from tests.wandb_files import read_run
 
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,22 +140,6 @@ def test_diverging_initial_schedule_is_a_clear_error() -> None:
     with pytest.raises(DivergenceError, match="inner training diverged") as err:
         metahpo.run(cfg)
     assert "\n" not in str(err.value)
-
-
-def test_wandb_offline_run_files(tmp_path: Path) -> None:
-    cfg = metahpo.compose([*QUICK, "outer.steps=3", "logger=wandb", f"logger.dir={tmp_path}"])
-    out = metahpo.run(cfg, tmp_path / "run")
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    logged = read_run(run_dir)
-    steps = [h for h in logged["history"] if "meta_loss" in h]
-    expected = [h["meta_loss"] for h in out["history"] if h["hypergradient"] is not None]
-    assert [h["meta_loss"] for h in steps] == pytest.approx(expected)
-    assert steps[0]["lr/0"] == 0.0 and "hypergrad_norm/lr" in steps[0]
-    assert logged["summary"]["learned/test_loss"] == pytest.approx(
-        out["final"]["learned"]["test_loss"]
-    )
-    assert logged["config"]["horizon"] == 20
-    assert logged["config"]["task"]["_target_"] == "tasks.quadratic.Quadratic"
 
 
 def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:
