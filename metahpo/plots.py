@@ -73,10 +73,10 @@ def plot_meta_loss_comparison(
         runs: label -> the results dicts of its runs.
     """
     tasks = _tasks(runs)
-    colors = _colors(runs)
+    styles = _styles(runs)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.8 * len(tasks)), squeeze=False)
     for (ax_step, ax_time), task in zip(axes, tasks, strict=True):
-        for label, group in runs.items():
+        for label, group in sorted(runs.items()):  # widest lines first
             for i, res in enumerate(r for r in group if r["task"] == task):
                 # seconds accumulate over every entry: the last one scores the final iterate
                 seconds = list(
@@ -90,8 +90,8 @@ def plot_meta_loss_comparison(
                 if not points:
                     continue
                 steps, times, losses = zip(*points, strict=True)
-                style = dict(color=colors[label], marker="o", ms=3, lw=1.4, alpha=0.85)
-                name = f"{label} ({sum(r['task'] == task for r in group)} runs)" if i == 0 else None
+                style = dict(marker="o", ms=3, alpha=0.85, **styles[label])
+                name = _legend_name(label, group, task) if i == 0 else None
                 ax_step.plot(steps, losses, label=name, **style)
                 ax_time.plot(times, losses, **style)
         ax_step.set_xlabel("outer step")
@@ -115,11 +115,11 @@ def plot_schedule_comparison(
         runs: label -> the results dicts of its runs.
     """
     tasks = _tasks(runs)
-    colors = _colors(runs)
+    styles = _styles(runs)
     fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.6 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks, strict=True):
         baselines: dict[str, HyperSchedule] = {}
-        for label, group in runs.items():
+        for label, group in sorted(runs.items()):  # widest lines first
             mine = [r for r in group if r["task"] == task]
             for i, res in enumerate(mine):
                 learned = results_lib.learned_schedule(res)
@@ -130,9 +130,9 @@ def plot_schedule_comparison(
                         range(learned.horizon),
                         learned.per_step(name).numpy(),
                         where="post",
-                        color=colors[label],
                         alpha=0.85,
-                        label=f"{label} ({len(mine)} runs)" if i == 0 else None,
+                        label=_legend_name(label, group, task) if i == 0 else None,
+                        **styles[label],
                     )
         for j, baseline in enumerate(baselines.values()):
             for ax, name in zip(row, HYPERPARAMETERS, strict=True):
@@ -157,9 +157,19 @@ def _tasks(runs: Mapping[str, Sequence[dict[str, Any]]]) -> list[str]:
     return sorted({r["task"] for group in runs.values() for r in group})
 
 
-def _colors(runs: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, str]:
-    """The same colour for a label in every comparison plot."""
-    return {label: f"C{i % 10}" for i, label in enumerate(sorted(runs))}
+def _styles(runs: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """A label's colour and line width, the same in every comparison plot; earlier labels are
+    drawn wider, so that a curve equal to a later one (two exact estimators) still shows."""
+    labels = sorted(runs)
+    return {
+        label: {"color": f"C{i % 10}", "lw": 1.2 + 0.9 * (len(labels) - 1 - i)}
+        for i, label in enumerate(labels)
+    }
+
+
+def _legend_name(label: str, group: Sequence[dict[str, Any]], task: str) -> str:
+    n = sum(r["task"] == task for r in group)
+    return f"{label} ({n} run{'s' if n > 1 else ''})"
 
 
 def _save(fig: Figure, path: Path, title: str) -> Path:
