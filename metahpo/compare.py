@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from metahpo import results as results_lib
+from metahpo.loggers import WandbLogger, sweep_group
 from metahpo.plots import plot_meta_loss_comparison, plot_schedule_comparison
 
 
@@ -264,27 +265,22 @@ def write_report(runs: Sequence[Run], out: Path) -> list[Path]:
 
 
 def log_to_wandb(
-    runs: Sequence[Run], files: Sequence[Path], out: Path, group: str | None = None
+    logger: WandbLogger, runs: Sequence[Run], files: Sequence[Path], out: Path
 ) -> None:
-    """Log the comparison's tables and plots as one W&B run (job type ``compare``).
-
-    W&B settings come from the ``WANDB_*`` variables, as for ``logger=wandb``; a W&B failure
-    warns and leaves the report on disk.
-    """
-    from metahpo.loggers import WandbLogger, sweep_group
-
+    """Log the comparison's tables and plots as one W&B run (job type ``compare``), in the
+    group of the runs' multirun when they are one multirun's; a W&B failure only warns."""
     rows = run_rows(runs)
     summary = summary_rows(rows)
-    # runs of one Hydra multirun (it writes multirun.yaml) join that sweep's group
-    sweeps = {r.path.parent for r in runs if (r.path.parent / "multirun.yaml").is_file()}
-    logger = WandbLogger(group=group)
+    parents = {r.path.resolve().parent for r in runs}
+    sweep = parents.pop() if len(parents) == 1 else None
     logger.start(
         {"runs": [str(r.path) for r in runs]},
         "compare",
         out,
         tags=["compare", *sorted({r.estimator for r in runs}), *sorted({r.task for r in runs})],
         job_type="compare",
-        group=sweep_group(sweeps.pop()) if len(sweeps) == 1 else None,
+        # Hydra writes multirun.yaml into a sweep's directory
+        group=sweep_group(sweep) if sweep and (sweep / "multirun.yaml").is_file() else None,
     )
     logger.media(
         [f for f in files if f.suffix == ".png"],
@@ -320,13 +316,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         runs = find_runs(args.dirs)
-    except ValueError as e:
+        # W&B settings (WANDB_MODE...) are checked before anything is written
+        logger = WandbLogger(group=args.group) if args.wandb else None
+    except ValueError as e:  # also ConfigError
         parser.exit(2, f"metahpo-compare: error: {e}\n")
     out = args.out or (args.dirs[0] / "comparison" if len(args.dirs) == 1 else Path("comparison"))
     files = write_report(runs, out)
     print(summary_markdown(summary_rows(run_rows(runs))))
-    if args.wandb:
-        log_to_wandb(runs, files, out, args.group)
+    if logger is not None:
+        log_to_wandb(logger, runs, files, out)
     print(f"{len(runs)} runs compared; report, tables and plots: {out}")
 
 

@@ -190,10 +190,21 @@ def test_compare_report_matches_the_runs(sweep: Path, report: Path) -> None:
 
 @pytest.mark.slow  # shares one ~25 s sweep
 def test_compare_logs_tables_and_plots_to_wandb(
-    sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sweep: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(sweep), "--out", str(tmp_path / "bad"), "--wandb"])
+    assert exit_.value.code == 2 and not (tmp_path / "bad").exists()  # checked before writing
+    err = capsys.readouterr().err
+    allowed = "allowed: online, offline, disabled"
+    assert err == f"metahpo-compare: error: WANDB_MODE='sometimes' is unknown; {allowed}\n"
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
     compare.main([str(sweep), "--out", str(tmp_path), "--wandb"])
     (wb_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     logged = read_run(wb_dir)
