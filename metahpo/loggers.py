@@ -197,7 +197,7 @@ class WandbLogger:
 
             if directory:
                 Path(directory).mkdir(parents=True, exist_ok=True)
-            return wandb.init(
+            run = wandb.init(
                 project=self.project,
                 entity=self.entity,
                 mode=self.mode,
@@ -209,13 +209,12 @@ class WandbLogger:
                 dir=directory,
                 reinit="finish_previous",
             )
+            if self.mode == "offline":
+                why = f" ({self.mode_reason})" if self.mode_reason == "no API key found" else ""
+                log.info("wandb: offline%s; upload with `wandb sync %s`", why, Path(run.dir).parent)
+            return run
 
         self.run = self._call("init", init)
-        if self.run is not None and self.mode == "offline":
-            reason = f" ({self.mode_reason})" if self.mode_reason == "no API key found" else ""
-            log.info(
-                "wandb: offline%s; upload with `wandb sync %s`", reason, Path(self.run.dir).parent
-            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Log one outer step's scalars at W&B step ``step``."""
