@@ -120,7 +120,8 @@ def plot_schedule_comparison(
     for row, task in zip(axes, tasks, strict=True):
         baselines: dict[str, HyperSchedule] = {}
         for label, group in sorted(runs.items()):  # widest lines first
-            mine = [r for r in group if r["task"] == task]
+            # a run stopped by divergence before any accepted step learned no schedule
+            mine = [r for r in group if r["task"] == task and r.get("learned_schedule")]
             for i, res in enumerate(mine):
                 learned = results_lib.learned_schedule(res)
                 key = repr((res["horizon"], res["baseline_schedule"]))

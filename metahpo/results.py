@@ -14,7 +14,10 @@ from omegaconf import OmegaConf
 
 from metahpo.schedule import HyperSchedule
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this module reads: 2 added rejected steps and runs stopped by divergence, whose
+# learned_schedule and final are null.
+READABLE = (1, 2)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -28,13 +31,17 @@ def load(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     version = results.get("schema_version") if isinstance(results, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version={version!r} is unknown; allowed: 1")
+    if version not in READABLE:
+        allowed = ", ".join(map(str, READABLE))
+        raise ValueError(f"{path}: schema_version={version!r} is unknown; allowed: {allowed}")
     return results
 
 
 def selected_meta_loss(results: dict[str, Any]) -> float | None:
-    """Meta-loss of the reported (learned) schedule: the plain-run score of the selected step."""
+    """Meta-loss of the reported (learned) schedule: the plain-run score of the selected step;
+    None when the run learned none (every schedule diverged)."""
+    if results.get("learned_schedule") is None:
+        return None
     for h in results.get("history", []):
         if h["outer_step"] == results.get("selected_outer_step") and not h.get("online"):
             return h.get("meta_loss")
@@ -45,9 +52,10 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     """A run's headline numbers, flat: final test metrics (learned and baseline), costs.
 
     Keys: ``learned/test_accuracy`` (and ``_std``), ``learned/test_loss`` (and ``_std``), the
-    same for ``baseline/``; ``selected/meta_loss``, ``outer_steps``, ``stopped``,
-    ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``. Missing values
-    (an interrupted run has no final evaluation; regression has no accuracy) are left out.
+    same for ``baseline/``; ``selected/meta_loss``, ``outer_steps``, ``rejected_steps``,
+    ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``.
+    Missing values (an interrupted or diverged run has no final evaluation; regression has no
+    accuracy) are left out.
     """
     if not results:
         return {}
@@ -62,6 +70,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     out["selected/meta_loss"] = selected_meta_loss(results)
     for key in (
         "outer_steps",
+        "rejected_steps",
         "stopped",
         "wall_time_seconds",
         "estimator_seconds",
