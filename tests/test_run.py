@@ -115,8 +115,6 @@ def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
         metahpo.run(metahpo.compose([*QUICK, f"resume={tmp_path / 'missing'}"]))
 
 
-
-
 def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:
     exe = (
         [sys.executable, "-m", "metahpo"]
