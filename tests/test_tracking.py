@@ -360,7 +360,10 @@ def test_a_failed_run_still_finishes_its_wandb_run_as_failed(
     )
     with pytest.raises(DivergenceError):
         metahpo.run(cfg)
-    assert runs[0].calls == [("finish", 1)]
+    (log, summary, finish) = runs[0].calls
+    assert log == ("log", 0) and finish == ("finish", 1)
+    assert summary[0] == "summary" and summary[1]["stopped"] == "diverged"
+    assert summary[1]["rejected_steps"] == 1 and "learned/test_loss" not in summary[1]
 
 
 # -- W&B failures never cost the run ---------------------------------------------------------
