@@ -1,6 +1,6 @@
 """Reading a run's results (the ``results.json`` dict): headline numbers and its schedules.
 
-One place interprets the schema of docs/results.md for everything downstream of a run: the W&B
+One place interprets the schema of docs/outputs.md for everything downstream of a run: the W&B
 summary, ``metahpo-compare`` and its plots.
 """
 

@@ -53,7 +53,7 @@ def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Learn the schedule, retrain with it and with the baseline, return (and write) results.
 
-    Writes into ``output_dir`` when given: ``results.json`` (schema in docs/results.md),
+    Writes into ``output_dir`` when given: ``results.json`` (schema in docs/outputs.md),
     ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (written
     atomically after every outer step). A directory that already holds a checkpoint is resumed
     from it, as is ``resume=<dir>``; a killed run continues where it stopped, with the same result.
