@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from metahpo import distributed
 from metahpo.config import check_overrides, config_dir
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.runner import format_table, run
@@ -29,7 +31,7 @@ def _app(cfg: DictConfig) -> None:
     out = hydra_cfg.runtime.output_dir
     try:
         results = run(cfg, out)
-    except (ConfigError, DivergenceError) as e:
+    except (ConfigError, DivergenceError, distributed.PeerError) as e:
         code = 2 if isinstance(e, ConfigError) else 1
         if hydra_cfg.mode != RunMode.MULTIRUN:
             _fail(str(e), code)
@@ -37,8 +39,9 @@ def _app(cfg: DictConfig) -> None:
         print(f"metahpo: error in {job}: {e}", file=sys.stderr)
         _failed_jobs.append(job)
         return
-    print(format_table(results))
-    print(f"results, plots and config: {out}")
+    if distributed.is_main():
+        print(format_table(results))
+        print(f"results, plots and config: {out}")
 
 
 def main() -> None:
@@ -50,7 +53,17 @@ def main() -> None:
         check_overrides(known.overrides)
     except ConfigError as e:
         _fail(str(e))
-    _app()
+    if distributed.launched() and not distributed.is_main():
+        # Ranks other than 0 write nothing: Hydra's run directory and log go to a scratch one.
+        with tempfile.TemporaryDirectory(prefix=f"metahpo-rank{distributed.rank()}-") as tmp:
+            sys.argv += [
+                f"hydra.run.dir={tmp}",
+                f"hydra.sweep.dir={tmp}",
+                "hydra/job_logging=disabled",
+            ]
+            _app()
+    else:
+        _app()
     if _failed_jobs:
         _fail(f"{len(_failed_jobs)} sweep job(s) failed: {'; '.join(_failed_jobs)}", code=1)
 

@@ -132,6 +132,12 @@ def validate(cfg: DictConfig) -> None:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
+    backend = OmegaConf.select(cfg, "distributed.backend")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"distributed.backend={backend!r} is unknown; allowed: auto, gloo, nccl")
+    timeout = OmegaConf.select(cfg, "distributed.timeout")
+    if not _is_number(timeout) or timeout <= 0:
+        raise ConfigError(f"distributed.timeout={timeout!r} must be a positive number (seconds)")
     for group in ("task", "estimator", "logger"):
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")

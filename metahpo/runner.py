@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from metahpo import distributed
 from metahpo.build import Setup, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
@@ -28,8 +29,12 @@ SCHEMA_VERSION = 1
 
 
 def hypergradient(cfg: DictConfig) -> Hypergradient:
-    """The configured estimator's hypergradient at the schedule's initial values."""
+    """The configured estimator's hypergradient at the schedule's initial values.
+
+    Under torchrun, data-parallel over the launched ranks (docs/scaling.md).
+    """
     validate(cfg)
+    distributed.join(cfg)
     setup = build(cfg)
     return setup.estimator.hypergradient(setup.task, setup.schedule)
 
@@ -52,9 +57,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
     Writes into ``output_dir`` when given: ``results.json`` (schema in docs/results.md),
     ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (updated after
-    every outer step; ``resume=<dir>`` continues from it).
+    every outer step; ``resume=<dir>`` continues from it). Under torchrun the run is
+    data-parallel over the launched ranks and only rank 0 writes (docs/scaling.md).
     """
     validate(cfg)
+    distributed.join(cfg)
+    if not distributed.is_main():  # one progress bar and one run directory: rank 0's
+        cfg = OmegaConf.merge(cfg, {"progress": False})
+        output_dir = None
     started = time.perf_counter()
     out_dir = Path(output_dir) if output_dir is not None else None
     if out_dir is not None:
@@ -315,6 +325,7 @@ def _results(
         "horizon": int(cfg.horizon),
         "device": str(setup.task.device),
         "dtype": str(cfg.dtype),
+        "world_size": distributed.world_size(),
         "stopped": loop.stopped,
         "outer_steps": loop.k,
         "backtracks": loop.backtracks,
