@@ -7,6 +7,7 @@ import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -18,6 +19,14 @@ from metahpo.runner import format_table, run
 # Jobs of this process's sweep that failed: a bad job is reported and the sweep goes on, and the
 # command exits non-zero at the end.
 _failed_jobs: list[str] = []
+
+
+class SweepJobFailed(CompactHydraException):
+    """A sweep job's one-line error, carried back to the sweep from a launcher's process.
+
+    Hydra marks the job failed, runs the rest of the sweep, then prints this message alone
+    (a compact exception) and exits 1.
+    """
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -37,6 +46,9 @@ def _app(cfg: DictConfig) -> None:
             _fail(str(e), code)
         job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
         print(f"metahpo: error in {job}: {e}", file=sys.stderr)
+        if "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_")):
+            # The job runs in another process (joblib, submitit): only its result gets back.
+            raise SweepJobFailed(f"metahpo: error: {job} failed: {e}") from None
         _failed_jobs.append(job)
         return
     if distributed.is_main():
