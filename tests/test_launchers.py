@@ -63,3 +63,25 @@ def test_a_failing_job_in_another_process_fails_the_sweep(tmp_path: Path) -> Non
         "from 1 to the horizon (20)"
     ) in proc.stderr.splitlines()
     assert finished_runs(tmp_path / "sweep") == [("truncated_reverse", 0, 2, True)]
+
+
+def test_slurm_launcher_config_composes_with_our_defaults() -> None:
+    """What `metahpo -m hydra/launcher=slurm` would hand submitit (no cluster needed)."""
+    pytest.importorskip(PLUGINS["slurm_local"])
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metahpo.config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.timeout_min, launcher.gpus_per_node, launcher.partition) == (240, 1, "gpu")
+    assert launcher.array_parallelism == 64
