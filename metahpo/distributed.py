@@ -12,10 +12,11 @@ averages the incoming gradients over ranks as well. Why that is exact: give ever
 quantity (parameters, velocity, averaged gradient) a local adjoint whose mean over ranks is its
 true adjoint, and every rank-owned one (a rank's own shard gradient ``g_r``) ``world_size``
 times its true adjoint. Seeding every rank with the same validation gradient satisfies this;
-linear steps preserve it; the average ``y = mean_r g_r`` has true adjoint ``dL/dg_r = mean_r
-ybar_r / W``, i.e. the backward all-reduce; ``g_r``'s own graph then contributes
-``J_r^T gbar_r``, whose mean over ranks is the true ``sum_r J_r^T dL/dg_r``. So the
-hypergradient is the mean over ranks of the local ones (reduced once more at the end).
+steps that every rank takes alike preserve it; the average ``y = mean_r g_r`` has true adjoint
+``mean_r ybar_r``, so ``dL/dg_r = mean_r ybar_r / W`` and ``g_r``'s local adjoint is
+``mean_r ybar_r``: the backward all-reduce. ``g_r``'s own graph then adds ``J_r^T`` times it
+to the parameters' local adjoint, whose mean over ranks is the true ``sum_r J_r^T dL/dg_r``.
+So the hypergradient is the mean over ranks of the local ones (reduced once more at the end).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 
-from metahpo.core import Batch, Buffers, ConfigError
+from metahpo.core import Batch, Buffers, ConfigError, HypergradientEstimator, Task
 from metahpo.device import resolve_device
 
 
@@ -182,15 +183,15 @@ def share(n: int) -> range:
 def average_buffers(buffers: Buffers) -> Buffers:
     """Floating buffers (batch-norm statistics) averaged over ranks, so that they stay identical.
 
-    Each rank's statistics come from its own shard: the averaged running mean is the global
-    batch's; the averaged running variance misses the spread between shards' means.
+    Each rank's statistics come from its own shard (per-rank batch norm, as
+    DistributedDataParallel without SyncBatchNorm), so they are not the one-process values.
     """
     if world_size() == 1:
         return buffers
     return {k: all_reduce_mean_(b) if b.is_floating_point() else b for k, b in buffers.items()}
 
 
-def check(task: Any, estimator: Any, name: str) -> None:
+def check(task: Task, estimator: HypergradientEstimator, name: str) -> None:
     """Raise ConfigError, before any training, for what a data-parallel run cannot do.
 
     Args:
