@@ -105,6 +105,7 @@ def _pieces(rank: int) -> dict[str, Any]:
     for name, est in (
         ("forward", ForwardMode()),
         ("forward_fwd_rev_chunked", ForwardMode(hvp="fwd_rev", chunk_size=4)),
+        ("forward_auto", ForwardMode(hvp="auto")),  # ranks must time to the same choice
         ("truncated", TruncatedReverse(K=5)),
         ("greedy", Greedy(W=4, update="gradient")),
     ):
@@ -154,7 +155,7 @@ def test_two_ranks_equal_one_process_piece_by_piece(tmp_path: Path) -> None:
         assert torch.equal(got["batch"][0], x[16 * r : 16 * (r + 1)])
         assert torch.equal(got["batch"][1], y[16 * r : 16 * (r + 1)])
     # every estimator's hypergradient equals the one-process one; the ranks agree bit for bit
-    for name in ("forward", "forward_fwd_rev_chunked", "truncated", "greedy"):
+    for name in ("forward", "forward_fwd_rev_chunked", "forward_auto", "truncated", "greedy"):
         loss, grads, moved = single[name]
         for got in ranks:
             assert got[name][0] == pytest.approx(loss, rel=RTOL)
