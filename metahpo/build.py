@@ -35,10 +35,13 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        detail = str(cause or e).strip().splitlines()
+        # Hydra's import errors span lines ("Error loading 'x':", the cause, a hint): join them.
+        lines = [ln.strip() for ln in str(cause or e).strip().splitlines() if ln.strip()]
+        if not lines:
+            lines = [type(cause or e).__name__]
+        detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
         raise ConfigError(
-            f"{key}._target_={cfg.get('_target_')!r} could not be built: "
-            f"{detail[0] if detail else type(cause).__name__}"
+            f"{key}._target_={cfg.get('_target_')!r} could not be built: {detail}"
         ) from None
 
 

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metahpo import distributed
-from metahpo.config import check_overrides, config_dir
+from metahpo.config import check_composes, check_overrides, config_dir
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.runner import format_table, run
 
@@ -57,12 +57,13 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Entry point: reject unknown names in one line before Hydra composes anything."""
+    """Entry point: reject unknown names and keys in one line before Hydra runs anything."""
     from hydra._internal.utils import get_args_parser
 
     known, _ = get_args_parser().parse_known_args(sys.argv[1:])
     try:
         check_overrides(known.overrides)
+        check_composes(known.overrides)
     except ConfigError as e:
         _fail(str(e))
     if distributed.launched() and not distributed.is_main():

@@ -7,6 +7,7 @@ Everything a user can get wrong is checked here before any training starts, and 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,73 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The config the CLI would build from the same overrides (``["estimator=forward"]``)."""
+    check_overrides(overrides)
+    cfg = _compose(list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def check_composes(overrides: Sequence[str]) -> None:
+    """Compose the first job of ``overrides`` (a sweep's first values) and report in one line.
+
+    The CLI calls this before Hydra runs, so that a key missing from the config
+    (``outer.nope=1``) is one line rather than Hydra's multi-line report.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = []
+    for o in OverridesParser.create().parse_overrides(
+        [o for o in overrides if not o.startswith("-")]
+    ):
+        if o.is_hydra_override():
+            continue
+        key = o.get_key_element()  # with its +, ++ or ~
+        if o.is_delete():
+            first.append(key)
+        elif o.is_sweep_override():
+            first.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            first.append(f"{key}={o.get_value_element_as_str()}")
+    _compose(first)
+
+
+def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
-    check_overrides(overrides)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = hydra_compose("config", overrides=list(overrides))
-    validate(cfg)
-    return cfg
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            return hydra_compose("config", overrides=overrides)
+    except HydraException as e:
+        raise _one_line(e, overrides) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _one_line(error: Exception, overrides: list[str]) -> ConfigError:
+    """Hydra's composition error as one line naming the key and the keys that do exist."""
+    text = str(error)
+    missing = re.search(r"Could not override '([^']+)'", text) or re.search(
+        r"Could not (?:append to|delete from) config\. .*?'([^']+)'", text
+    )
+    if missing:
+        key = missing.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+        try:
+            node = OmegaConf.select(_compose(rest), parent) if parent else _compose(rest)
+        except ConfigError:
+            node = None
+        known = ", ".join(sorted(str(k) for k in node)) if isinstance(node, DictConfig) else ""
+        where = f" under {parent}" if parent else ""
+        plugin = parent.split(".")[0] in ("task", "estimator", "logger") and leaf
+        hint = f" (an argument the class accepts but the file omits: +{key}=...)" if plugin else ""
+        return ConfigError(f"{key} is not a key of this config; keys{where}: {known}{hint}")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return ConfigError(f"could not compose the config: {lines[0] if lines else type(error)}")
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -111,6 +169,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("task", "estimator", "schedule", "outer", "logger", "baseline"):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{key} is missing from the config; pick one with {key}=<name>")
+    _check_known_keys(cfg)
     horizon = _int(cfg, "horizon", low=1, what=" (inner steps per run)")
     _int(cfg, "seed", low=0)
     if str(cfg.dtype) not in ("float32", "float64"):
@@ -141,6 +200,39 @@ def validate(cfg: DictConfig) -> None:
     for group in ("task", "estimator", "logger"):
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
+
+
+def _known_keys() -> dict[str, set[str]]:
+    """Keys metahpo itself reads, by node; read off the shipped files, so they never drift."""
+    root = config_dir()
+    primary = OmegaConf.load(root / "config.yaml")
+    outer: set[str] = set()
+    for path in (root / "outer").glob("*.yaml"):
+        outer |= {str(k) for k in OmegaConf.load(path)}
+    return {
+        "": ({str(k) for k in primary} - {"defaults", "hydra"}) | set(GROUPS) | {"baseline"},
+        "outer": outer,
+        "final": {str(k) for k in primary.final},
+        "distributed": {str(k) for k in primary.distributed},
+        "baseline": {*HYPERPARAMETERS, "lr_decay"},
+        **{f"schedule.{n}": {"segments", "bounds", "init", "learn"} for n in HYPERPARAMETERS},
+        "schedule": set(HYPERPARAMETERS),
+    }
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key added with ``+key=...`` that nothing reads would be silently ignored: reject it."""
+    for node, known in _known_keys().items():
+        value = OmegaConf.select(cfg, node) if node else cfg
+        if not isinstance(value, DictConfig):
+            continue
+        for key in value:
+            if str(key) not in known:
+                full = f"{node}.{key}" if node else str(key)
+                raise ConfigError(
+                    f"{full} is not a key metahpo reads; keys{' under ' + node if node else ''}:"
+                    f" {', '.join(sorted(known))}"
+                )
 
 
 def _validate_schedule(cfg: DictConfig, horizon: int) -> None:
@@ -181,7 +273,7 @@ def _validate_outer(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "outer.optimizer._target_") is None:
         raise ConfigError("outer.optimizer._target_ is missing: name the outer optimiser's class")
     _int(cfg, "outer.steps", low=0)
-    _int(cfg, "outer.max_backtracks", low=0)
+    _int(cfg, "outer.max_failures", low=1)
     _number(cfg, "outer.stop_fraction", low=0.0)
     clip = OmegaConf.select(cfg, "outer.clip")
     if clip is not None and (not _is_number(clip) or clip <= 0):

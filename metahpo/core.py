@@ -43,7 +43,9 @@ class Task(Protocol):
     dtype: torch.dtype
     model: nn.Module  # the architecture; its own parameters are never trained in place
 
-    def with_seed(self, seed: int) -> Task: ...
+    def with_seed(self, seed: int, *, keep_weights: bool = False) -> Task:
+        """The same data with another seed; ``keep_weights``: only the batch order changes."""
+        ...
 
     def init_params(self) -> tuple[Params, Buffers]:
         """Initial parameters and buffers for ``self.seed`` (fresh tensors every call)."""

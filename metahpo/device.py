@@ -139,3 +139,32 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (for honest timings on CUDA; a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rng_states() -> dict[str, object]:
+    """Every random number generator a run may draw from, for a checkpoint."""
+    import random
+
+    import numpy as np
+
+    states: dict[str, object] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, object]) -> None:
+    """Restore what :func:`rng_states` saved (CUDA states only where CUDA is present)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])  # type: ignore[arg-type]
+    np.random.set_state(states["numpy"])  # type: ignore[arg-type]
+    torch.set_rng_state(states["torch"])  # type: ignore[arg-type]
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])  # type: ignore[arg-type]

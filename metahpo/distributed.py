@@ -24,7 +24,7 @@ from __future__ import annotations
 import atexit
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,8 @@ from torch import Tensor
 
 from metahpo.core import Batch, Buffers, ConfigError, HypergradientEstimator, Task
 from metahpo.device import resolve_device
+
+T = TypeVar("T")
 
 
 class PeerError(RuntimeError):
@@ -151,6 +153,18 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     if t.requires_grad:
         return _MeanOverRanks.apply(t)  # type: ignore[no-any-return]
     return all_reduce_mean_(t.detach().clone())
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself on one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as e:
+        raise PeerError(f"rank {dist.get_rank()}: a broadcast failed: {_first_line(e)}") from None
+    return box[0]  # type: ignore[no-any-return]
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -19,13 +19,15 @@ from metahpo import distributed
 from metahpo.build import Setup, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
+from metahpo.device import rng_states, set_rng_states
 from metahpo.inner import fit
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
-from metahpo.schedule import HyperSchedule
+from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
 
 log = logging.getLogger("metahpo")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHECKPOINT_VERSION = 2
 
 
 def hypergradient(cfg: DictConfig) -> Hypergradient:
@@ -56,28 +58,34 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     """Learn the schedule, retrain with it and with the baseline, return (and write) results.
 
     Writes into ``output_dir`` when given: ``results.json`` (schema in docs/results.md),
-    ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (updated after
-    every outer step; ``resume=<dir>`` continues from it). Under torchrun the run is
-    data-parallel over the launched ranks and only rank 0 writes (docs/scaling.md).
+    ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (written
+    atomically after every outer step). A directory that already holds a checkpoint is resumed
+    from it, as is ``resume=<dir>``; a killed run continues where it stopped, with the same result.
+    Under torchrun the run is data-parallel over the launched ranks and only rank 0 writes
+    (docs/scaling.md).
+
+    Raises:
+        ConfigError: a bad config or an incompatible checkpoint, before any training.
+        DivergenceError: no schedule the run visited trained to a finite loss; results.json
+            still holds the history and the rejected steps.
     """
     validate(cfg)
     distributed.join(cfg)
-    if not distributed.is_main():  # one progress bar and one run directory: rank 0's
-        cfg = OmegaConf.merge(cfg, {"progress": False})
-        output_dir = None
+    if distributed.world_size() > 1:
+        cfg, output_dir = _rank_view(cfg, output_dir)
     started = time.perf_counter()
     out_dir = Path(output_dir) if output_dir is not None else None
+    setup = build(cfg)
+    loop = _OuterLoop(cfg, setup, out_dir)  # checks a checkpoint before anything is written
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    setup = build(cfg)
     name = f"{_estimator_name(setup)}-{setup.task.name}-s{cfg.seed}"
     setup.logger.start(OmegaConf.to_container(cfg, resolve=True), name, out_dir)
     results: dict[str, Any] = {}
     files: list[Path] = []
     failed = True
     try:
-        loop = _OuterLoop(cfg, setup, out_dir)
         try:
             loop.run()
         except KeyboardInterrupt:
@@ -89,72 +97,134 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                 "interrupted after %d outer steps; continue with%s", len(loop.history), where
             )
             raise
-        final = _final_evaluation(cfg, setup, loop.learned)
+        final = None if loop.learned is None else _final_evaluation(cfg, setup, loop.learned)
         results = _results(cfg, setup, loop, final, time.perf_counter() - started)
         files = _write(out_dir, results, setup, loop)
+        if loop.learned is None:
+            where = f"; results so far: {out_dir / 'results.json'}" if out_dir else ""
+            raise DivergenceError(f"{loop.message}{where}")
+        if loop.message:
+            log.warning("%s", loop.message)
         failed = False
     finally:
         setup.logger.finish(_summary(results), files, failed=failed)
     return results
 
 
+def _rank_view(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig, Path | None]:
+    """A data-parallel rank's config and run directory: rank 0 keeps both; the others write
+    nothing, show no progress bar, and continue from the checkpoint rank 0 continues from."""
+    own = Path(output_dir) / "checkpoint.pt" if output_dir is not None else None
+    found = own is not None and own.is_file() and not cfg.resume and distributed.is_main()
+    resume = distributed.broadcast(str(own) if found else None)  # rank 0's own directory's
+    if distributed.is_main():
+        return cfg, None if output_dir is None else Path(output_dir)
+    overrides: dict[str, Any] = {"progress": False}
+    if resume is not None:
+        overrides["resume"] = resume
+    return OmegaConf.merge(cfg, overrides), None  # type: ignore[return-value]
+
+
 class _OuterLoop:
-    """Hypergradient, step, log, checkpoint; backtracks when inner training diverges."""
+    """Hypergradient, step, log, checkpoint; rejects outer steps whose inner run diverges.
+
+    A rejected step leaves the hyperparameters where the last accepted step put them (the
+    anchor) and retries from there with the outer step halved; ``outer.max_failures``
+    consecutive rejections stop the run, which then reports the best schedule it visited.
+    """
 
     def __init__(self, cfg: DictConfig, setup: Setup, out_dir: Path | None) -> None:
         self.cfg, self.setup, self.out_dir = cfg, setup, out_dir
         self.schedule = setup.schedule
         self.state = setup.optimizer.init(self.schedule)
         self.history: list[dict[str, Any]] = []
-        self.backtracks = 0
+        self.rejections: list[dict[str, Any]] = []
+        self.failures = 0  # consecutive rejections
+        # The last accepted iterate, its optimiser state and (clipped) hypergradient: where a
+        # rejected step goes back to. None at the start and after an online estimator's step.
+        self.anchor: tuple[HyperSchedule, Any, dict[str, torch.Tensor]] | None = None
+        self.done: str | None = None
         self.stopped = "max_steps"
+        self.message: str | None = None
         self.k = 0
-        self.learned = self.schedule
+        self.learned: HyperSchedule | None = self.schedule
         self.selected = 0
+        own = out_dir / "checkpoint.pt" if out_dir is not None else None
         if cfg.resume:
             self._resume(Path(str(cfg.resume)))
+        elif own is not None and own.is_file():
+            self._resume(own, own_dir=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint(self, done: bool = False) -> None:
+    def _checkpoint(self) -> None:
         if self.out_dir is None:
             return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "checkpoint.pt"
         tmp = path.with_suffix(".tmp")
+        anchor = None
+        if self.anchor is not None:
+            schedule, state, grads = self.anchor
+            anchor = {"values": schedule.values, "state": state, "grads": grads}
         torch.save(
             {
+                "version": CHECKPOINT_VERSION,
+                "fingerprint": _fingerprint(self.cfg),
                 "k": self.k,
                 "values": self.schedule.values,
                 "state": self.state,
                 "history": self.history,
-                "backtracks": self.backtracks,
-                "stopped": self.stopped if done else None,
+                "rejections": self.rejections,
+                "failures": self.failures,
+                "anchor": anchor,
+                "done": self.done,
+                "message": self.message,
+                "rng": rng_states(),
             },
             tmp,
         )
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it the checkpoint
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path, own_dir: bool = False) -> None:
         ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+        key = "hydra.run.dir" if own_dir else "resume"
+        where = f"{key}={str(path.parent if own_dir else path)!r}"
         if not ckpt_path.is_file():
-            raise ConfigError(f"resume={str(path)!r}: no checkpoint.pt there")
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        for n, v in ckpt["values"].items():
-            if v.shape != self.schedule.values[n].shape:
+            raise ConfigError(f"{where}: no checkpoint.pt there")
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        except Exception as e:  # a truncated or foreign file
+            raise ConfigError(f"{where}: {ckpt_path.name} is unreadable ({e})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(
+                f"{where}: {ckpt_path.name} is not a metahpo checkpoint of version "
+                f"{CHECKPOINT_VERSION}; start a new run directory"
+            )
+        mine = _fingerprint(self.cfg)
+        for name, old in ckpt["fingerprint"].items():
+            if mine.get(name) != old:
+                hint = " (this directory holds another run; choose a new one)" if own_dir else ""
                 raise ConfigError(
-                    f"resume={str(path)!r}: the checkpoint has {v.numel()} {n} segments but "
-                    f"schedule.{n}.segments={self.schedule.values[n].numel()}"
+                    f"{where}: the checkpoint was made with {name}={old!r}, this config has "
+                    f"{name}={mine.get(name)!r}{hint}"
                 )
-        self.schedule = self.schedule.replace(ckpt["values"])
-        self.state, self.history = ckpt["state"], ckpt["history"]
-        self.backtracks, self.k = ckpt["backtracks"], ckpt["k"]
-        self.resumed_done = ckpt["stopped"]
+        base = self.setup.schedule
+        self.schedule = base.replace(ckpt["values"])
+        self.state, self.history, self.k = ckpt["state"], ckpt["history"], ckpt["k"]
+        self.rejections, self.failures = ckpt["rejections"], ckpt["failures"]
+        anchor = ckpt["anchor"]
+        if anchor is not None:
+            self.anchor = (base.replace(anchor["values"]), anchor["state"], anchor["grads"])
+        self.done, self.message = ckpt["done"], ckpt["message"]
+        set_rng_states(ckpt["rng"])
         log.info("resumed from %s at outer step %d", ckpt_path, self.k)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
         cfg, setup = self.cfg, self.setup
         n_steps = int(cfg.outer.steps)
-        done = getattr(self, "resumed_done", None)
         bar = tqdm(
             total=n_steps,
             initial=min(self.k, n_steps),
@@ -163,24 +233,16 @@ class _OuterLoop:
             disable=not cfg.progress,
             dynamic_ncols=True,
         )
-        prev: tuple[HyperSchedule, Any, dict[str, torch.Tensor]] | None = None
         try:
-            while done is None and self.k < n_steps:
+            while self.done is None and self.k < n_steps:
                 try:
                     hg = setup.estimator.hypergradient(setup.task, self.schedule)
                     _check_finite(hg)
                 except DivergenceError as e:
-                    if prev is None or self.backtracks >= int(cfg.outer.max_backtracks):
-                        raise DivergenceError(
-                            f"{e}; at outer step {self.k} with {self.schedule} "
-                            "(lower the schedule's upper bounds or the outer step sizes)"
-                        ) from None
-                    self.backtracks += 1
-                    log.warning("%s; backtracking (%d) with halved outer steps", e, self.backtracks)
-                    schedule, state, grads = prev
-                    self.state = setup.optimizer.backtrack(state)
-                    self.schedule, self.state = setup.optimizer.step(schedule, grads, self.state)
+                    self._reject(str(e))
+                    self._checkpoint()
                     continue
+                self.failures = 0
                 entry = {"outer_step": self.k, **hg.to_dict(), "schedule": _values(self.schedule)}
                 if hg.schedule is not None:
                     entry.update(online=True, schedule_after=_values(hg.schedule))
@@ -190,35 +252,78 @@ class _OuterLoop:
                 bar.update(1)
                 if hg.schedule is not None:
                     # An online estimator (greedy) moved the schedule during its run: the one it
-                    # ended with is the next iterate; no outer step, no convergence test, and no
-                    # backtracking (there is no outer step to halve).
-                    new, converged, prev = hg.schedule.project(), False, None
+                    # ended with is the next iterate; no outer step, no convergence test, and
+                    # nothing to go back to (there is no outer step to halve).
+                    new, converged, self.anchor = hg.schedule.project(), False, None
                 else:
                     grads = clip_by_norm(hg.grads, cfg.outer.clip)
-                    prev = (self.schedule, self.state, grads)
+                    self.anchor = (self.schedule, self.state, grads)
                     new, self.state = setup.optimizer.step(self.schedule, grads, self.state)
                     converged = setup.optimizer.converged(
                         self.schedule, new, self.state, float(cfg.outer.stop_fraction)
                     )
                 self.schedule, self.k = new, self.k + 1
                 if converged:
-                    done = "converged"
+                    self.done = "converged"
                 self._checkpoint()
         finally:
             bar.close()
-        self.stopped = done or "max_steps"
+        self.stopped = self.done or "max_steps"
         self._select()
-        self._checkpoint(done=True)
+        self._checkpoint()
+
+    def _reject(self, reason: str) -> None:
+        """Count a diverged outer step; retry from the anchor with a halved step, or stop."""
+        self.failures += 1
+        self.rejections.append(
+            {"outer_step": self.k, "reason": reason, "schedule": _values(self.schedule)}
+        )
+        self.setup.logger.log(self.k, {"rejected_steps": len(self.rejections)})
+        limit = int(self.cfg.outer.max_failures)
+        if self.anchor is None:
+            # Nothing to shorten: the starting schedule (or an online estimator's last one)
+            # diverges, and the same run again would diverge the same way.
+            self.done = "diverged"
+            self.message = (
+                f"{reason}, with the schedule {'the run started from' if not self.k else 'it'}"
+                f" {'' if not self.k else 'reached '}({self.schedule}); lower schedule.*.init"
+                " or the schedule's upper bounds"
+            )
+            return
+        schedule, state, grads = self.anchor
+        if self.failures >= limit:
+            self.done = "diverged"
+            self.schedule = schedule  # the last accepted iterate
+            self.message = (
+                f"{reason}: stopped after {self.failures} consecutive rejected outer steps "
+                f"(outer.max_failures={limit}) at outer step {self.k}; lower the outer step "
+                "sizes or the schedule's upper bounds"
+            )
+            return
+        log.warning(
+            "outer step %d rejected (%s); retrying from the last accepted schedule with halved "
+            "outer steps (%d/%d)",
+            self.k,
+            reason,
+            self.failures,
+            limit,
+        )
+        state = self.setup.optimizer.backtrack(state)
+        self.anchor = (schedule, state, grads)  # a further rejection halves again
+        self.schedule, self.state = self.setup.optimizer.step(schedule, grads, state)
 
     def _select(self) -> None:
         """Score the last iterate with a plain run, then pick the schedule to report.
 
         Entries of online estimators are not candidates: their meta-loss comes from a run whose
         schedule moved, not from a plain run of their ``schedule``; so an online estimator's
-        learned schedule is its last iterate (with its plain-run score).
+        learned schedule is its last iterate (with its plain-run score). A run stopped by
+        divergence is not scored again: its current schedule is the last accepted iterate
+        (already in the history) or the one that just diverged.
         """
         last = self.history[-1] if self.history else None
-        if last is None or last.get("online") or last["schedule"] != _values(self.schedule):
+        fresh = last is None or last.get("online") or last["schedule"] != _values(self.schedule)
+        if fresh and self.stopped != "diverged":
             start = time.perf_counter()
             try:
                 scores: dict[str, Any] = meta_loss(self.setup.task, self.schedule)
@@ -236,12 +341,36 @@ class _OuterLoop:
         scored = [h for h in self.history if h["meta_loss"] is not None and not h.get("online")]
         candidates = scored if self.cfg.outer.select == "best" else scored[-1:]
         if not candidates:
-            raise DivergenceError("inner training diverged with every schedule the run visited")
+            self.learned = None
+            self.message = self.message or (
+                "inner training diverged with every schedule the run visited"
+            )
+            return
         best = min(candidates, key=lambda h: h["meta_loss"])
         self.selected = best["outer_step"]
         self.learned = self.setup.schedule.replace(
             {n: torch.tensor(v, dtype=torch.float64) for n, v in best["schedule"].items()}
         )
+
+
+def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the config that resumes it, flattened by key."""
+    out: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    flatten("task", OmegaConf.to_container(cfg.task, resolve=True))
+    for key in ("seed", "horizon", "dtype", "estimator._target_", "outer.optimizer._target_"):
+        out[key] = OmegaConf.select(cfg, key)
+    for name in HYPERPARAMETERS:
+        for part in ("segments", "learn"):
+            out[f"schedule.{name}.{part}"] = OmegaConf.select(cfg, f"schedule.{name}.{part}")
+    return out
 
 
 def _check_finite(hg: Hypergradient) -> None:
@@ -328,9 +457,11 @@ def _results(
         "world_size": distributed.world_size(),
         "stopped": loop.stopped,
         "outer_steps": loop.k,
-        "backtracks": loop.backtracks,
+        "rejected_steps": len(loop.rejections),
+        "rejections": loop.rejections,
+        "stop_message": loop.message,
         "selected_outer_step": loop.selected,
-        "learned_schedule": loop.learned.to_dict(),
+        "learned_schedule": loop.learned.to_dict() if loop.learned is not None else None,
         "initial_schedule": setup.schedule.to_dict(),
         "baseline_schedule": {"config": OmegaConf.to_container(cfg.baseline, resolve=True)},
         "history": loop.history,
@@ -360,7 +491,15 @@ def _write(
     files = [path]
     files.append(
         plot_schedules(
-            {"initial": setup.schedule, "learned": loop.learned, "baseline": setup.baseline},
+            {
+                label: schedule
+                for label, schedule in (
+                    ("initial", setup.schedule),
+                    ("learned", loop.learned),
+                    ("baseline", setup.baseline),
+                )
+                if schedule is not None
+            },
             out_dir / "schedules.png",
             title,
         )
@@ -399,5 +538,6 @@ def format_table(results: dict[str, Any]) -> str:
     rows.append(
         f"{results['estimator']} on {results['task']}: {results['outer_steps']} outer steps "
         f"({results['stopped']}), {n} final seed(s), wall time {results['wall_time_seconds']:.1f} s"
+        + (f", {results['rejected_steps']} rejected step(s)" if results["rejected_steps"] else "")
     )
     return "\n".join(rows)

@@ -112,14 +112,16 @@ class SupervisedTask:
         self._perms: dict[int, Tensor] = {}
 
     # -- seeds ---------------------------------------------------------------------------------
-    def with_seed(self, seed: int) -> SupervisedTask:
-        """The same data with another seed (new initial weights and batch order)."""
+    def with_seed(self, seed: int, *, keep_weights: bool = False) -> SupervisedTask:
+        """The same data with another seed: new batch order, and new initial weights unless
+        ``keep_weights`` (then only the batch order and augmentation change)."""
         other = copy.copy(self)
         other.seed = int(seed)
         other._perms = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(other.seed)
-            other.model = self._make_model().to(device=self.device, dtype=self.dtype)
+        if not keep_weights:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(other.seed)
+                other.model = self._make_model().to(device=self.device, dtype=self.dtype)
         return other
 
     def init_params(self) -> tuple[Params, Buffers]:

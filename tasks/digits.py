@@ -12,16 +12,16 @@ from torch import nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
-from tasks.models import make_activation
+from tasks.models import make_activation, positive_ints
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
     """``Linear -> activation`` for every hidden width, then a linear read-out."""
     make_activation(activation, key="task.activation")  # fail before building anything
     layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(n_in, int(width)), make_activation(activation, "task.activation")]
-        n_in = int(width)
+    for width in positive_ints("task.hidden", hidden):
+        layers += [nn.Linear(n_in, width), make_activation(activation, "task.activation")]
+        n_in = width
     layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
 

@@ -22,6 +22,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def positive_ints(key: str, values: Sequence[int]) -> list[int]:
+    """Layer widths as ints; ConfigError naming ``key`` unless every one is a positive integer."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    if not ok:
+        raise ConfigError(f"{key}={list(values)} must be a list of positive integers")
+    return [int(v) for v in values]
+
+
 def make_activation(name: str, key: str = "task.model.activation") -> nn.Module:
     """A fresh activation module by name; ConfigError naming ``key`` when unknown."""
     if name not in ACTIVATIONS:
@@ -75,9 +83,9 @@ class LeNet(nn.Sequential):
             nn.Flatten(),
         ]
         width = c2 * side * side
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), make_activation(activation)]
-            width = int(h)
+        for h in positive_ints("task.model.hidden", hidden):
+            layers += [nn.Linear(width, h), make_activation(activation)]
+            width = h
         layers.append(nn.Linear(width, n_classes))
         super().__init__(*layers)
 

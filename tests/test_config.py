@@ -39,52 +39,6 @@ def test_defaults_are_the_main_job() -> None:
     assert config_dir().name == "configs"
 
 
-BAD = [
-    (["estimator=nope"], "estimator='nope' is unknown; allowed: "),
-    (["task=imagenet"], "task='imagenet' is unknown; allowed: "),
-    (["estimator=forward,nope"], "estimator='nope' is unknown"),
-    (["schedule.lr.segments=500"], "schedule.lr.segments=500 must be an integer from 1 to 200"),
-    (["schedule.momentum.segments=0"], "schedule.momentum.segments=0 must be an integer from 1"),
-    (["schedule.lr.bounds=[1.0,0.5]"], "schedule.lr.bounds=[1.0, 0.5] has min > max"),
-    (["schedule.weight_decay.bounds=[-1,1]"], "weight decay cannot be negative"),
-    (["horizon=-5"], "horizon=-5 must be an integer >= 1"),
-    (["horizon=abc"], "horizon='abc' must be an integer >= 1"),
-    (["schedule.lr.init=abc"], "schedule.lr.init='abc' must be a number or a list of 10 numbers"),
-    (
-        ["schedule.lr.init=[0.1,0.2]"],
-        "schedule.lr.init=[0.1, 0.2] must be a number or a list of 10",
-    ),
-    (["schedule.lr.init=2.0"], "schedule.lr.init=[2.0] lies outside schedule.lr.bounds=[0.0, 1.0]"),
-    (["schedule.lr.learn=maybe"], "schedule.lr.learn='maybe' must be true or false"),
-    (["outer.steps=-1"], "outer.steps=-1 must be an integer >= 0"),
-    (["outer.clip=0"], "outer.clip=0 must be a positive number"),
-    (["outer.select=worst"], "outer.select='worst' is unknown; allowed: best, last"),
-    (["dtype=float16"], "dtype='float16' is unknown; allowed: float32, float64"),
-    (["device=tpu"], "device='tpu' is unknown; allowed: auto, cpu, cuda, cuda:N"),
-    (["final.seeds=[]"], "final.seeds=[] must be a non-empty list"),
-    (["baseline.lr=fast"], "baseline.lr='fast' must be a number >= 0.0"),
-    (["seed=-1"], "seed=-1 must be an integer >= 0"),
-    (
-        [
-            "schedule.lr.learn=false",
-            "schedule.momentum.learn=false",
-            "schedule.weight_decay.learn=false",
-        ],
-        "nothing to learn",
-    ),
-    (["horizon=="], "could not parse the overrides"),
-]
-
-
-@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_input_is_one_line_naming_the_key(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        metahpo.compose(overrides)
-    text = str(err.value)
-    assert message in text
-    assert "\n" not in text
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -109,6 +109,9 @@ def test_seed_fixes_weights_and_batches() -> None:
     d = a.with_seed(2)
     assert torch.equal(d.init_params()[0]["0.weight"], pc["0.weight"])
     assert torch.equal(d.batch(5)[1], c.batch(5)[1])
+    e = a.with_seed(2, keep_weights=True)  # another batch order, the same initial weights
+    assert torch.equal(e.init_params()[0]["0.weight"], pa["0.weight"])
+    assert torch.equal(e.batch(5)[1], c.batch(5)[1])
 
 
 def test_epochs_are_permutations(digits_small) -> None:

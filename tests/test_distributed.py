@@ -260,3 +260,20 @@ def test_torchrun_stops_every_rank_when_one_dies(tmp_path: Path) -> None:
     assert "exitcode  : 3" in proc.stderr  # torchrun names the rank that died
     assert "metahpo: error: rank 0 of 2: a collective failed" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_torchrun_continues_its_run_directory_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 resumes from its run directory's checkpoint; rank 1 must continue from it too."""
+    run = tmp_path / "run"
+    for steps in (1, 2):  # one outer step, then the run again in the same directory: two
+        proc = torchrun([*QUICK, f"outer.steps={steps}", f"hydra.run.dir={run}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((run / "results.json").read_text())
+    for steps in (1, 2):  # the same in one process
+        want = metahpo.run(metahpo.compose([*QUICK, f"outer.steps={steps}"]), tmp_path / "one")
+    assert [h["outer_step"] for h in got["history"]] == [h["outer_step"] for h in want["history"]]
+    assert got["outer_steps"] == 2
+    for g, w in zip(got["history"], want["history"], strict=True):
+        assert g["meta_loss"] == pytest.approx(w["meta_loss"], rel=RTOL)
+    for n, sched in want["learned_schedule"].items():
+        assert rel_err(got["learned_schedule"][n]["values"], sched["values"]) <= RTOL

@@ -13,7 +13,6 @@ import torch
 
 import metahpo
 from estimators.forward import ForwardMode
-from metahpo.core import DivergenceError
 from tests.wandb_files import read_run
 
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
@@ -38,7 +37,7 @@ def test_run_writes_documented_results(tmp_path: Path) -> None:
     out = metahpo.run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(out))
-    assert out["schema_version"] == 1
+    assert out["schema_version"] == 2
     assert (out["estimator"], out["task"], out["seed"], out["horizon"]) == (
         "forward",
         "quadratic",
@@ -108,39 +107,13 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch)
 def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
     metahpo.run(metahpo.compose([*QUICK, "outer.steps=1"]), tmp_path / "a")
     cfg = metahpo.compose([*QUICK, "schedule.lr.segments=4", f"resume={tmp_path / 'a'}"])
-    with pytest.raises(metahpo.ConfigError, match="checkpoint has 2 lr segments"):
+    with pytest.raises(
+        metahpo.ConfigError,
+        match="checkpoint was made with schedule.lr.segments=2, this config has schedule.lr.seg",
+    ):
         metahpo.run(cfg)
     with pytest.raises(metahpo.ConfigError, match="no checkpoint.pt there"):
         metahpo.run(metahpo.compose([*QUICK, f"resume={tmp_path / 'missing'}"]))
-
-
-def test_divergence_backtracks_then_recovers(tmp_path: Path) -> None:
-    # a sign step of 9 in lr overflows the run; the loop halves its way back
-    cfg = metahpo.compose(
-        [
-            *QUICK,
-            "horizon=200",
-            "schedule.lr.bounds=[0,10]",
-            "outer.steps=3",
-            "outer.optimizer.step_size.lr=9.0",
-            "schedule.momentum.learn=false",
-            "schedule.weight_decay.learn=false",
-        ]
-    )
-    out = metahpo.run(cfg, tmp_path)
-    assert out["backtracks"] >= 1
-    scored = [h["meta_loss"] for h in out["history"] if not h.get("diverged")]
-    assert scored and all(torch.isfinite(torch.tensor(scored, dtype=torch.float64)))
-    assert out["learned_schedule"]["lr"]["values"][0] < 9.0
-
-
-def test_diverging_initial_schedule_is_a_clear_error() -> None:
-    cfg = metahpo.compose(
-        [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "schedule.lr.init=9.0"]
-    )
-    with pytest.raises(DivergenceError, match="inner training diverged") as err:
-        metahpo.run(cfg)
-    assert "\n" not in str(err.value)
 
 
 def test_wandb_offline_run_files(tmp_path: Path) -> None:

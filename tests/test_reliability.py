@@ -1,0 +1,224 @@
+"""Nothing is lost to a killed job, a diverging inner run or a typo (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import metahpo
+import metahpo.runner
+from estimators.forward import ForwardMode
+from metahpo.core import ConfigError, DivergenceError, Hypergradient
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
+# Figures that measure the machine rather than the run.
+TIMINGS = {"seconds", "peak_memory_mb", "wall_time_seconds", "estimator_seconds"}
+TIMINGS |= {"estimator_peak_memory_mb"}
+
+
+def without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+# -- bad input: every row of the table in docs/reliability.md -----------------------------------
+def _table_rows() -> list[tuple[str, str]]:
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    return re.findall(r"^\| \d+ \| `([^`]+)` \| `([^`]+)` \|$", text, flags=re.MULTILINE)
+
+
+ROWS = _table_rows()
+
+
+def test_the_table_documents_enough_bad_inputs() -> None:
+    assert len(ROWS) >= 15
+    assert len({overrides for overrides, _ in ROWS}) == len(ROWS)
+
+
+@pytest.fixture(scope="module")
+def resume_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("resume")
+    (tmp / "empty").mkdir()
+    (tmp / "garbage").mkdir()
+    (tmp / "garbage" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    metahpo.run(metahpo.compose(QUICK), tmp / "quadratic-run")
+    return tmp
+
+
+@pytest.mark.parametrize(("overrides", "message"), ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_table(
+    overrides: str, message: str, resume_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def trap(self: Any) -> None:
+        raise AssertionError("the outer loop started")
+
+    monkeypatch.setattr(metahpo.runner._OuterLoop, "run", trap)
+    with pytest.raises(ConfigError) as err:
+        metahpo.run(metahpo.compose(overrides.replace("{tmp}", str(resume_dirs)).split()))
+    assert str(err.value).replace(str(resume_dirs), "{tmp}") == message
+
+
+def test_cli_rejects_a_missing_key_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "metahpo", "outer.nope=1", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "metahpo: error: outer.nope is not a key of this config; keys under outer: clip, "
+        "max_failures, optimizer, select, steps, stop_fraction"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_of_another_run_is_not_overwritten(tmp_path: Path) -> None:
+    metahpo.run(metahpo.compose(QUICK), tmp_path)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        metahpo.run(metahpo.compose([*QUICK, "seed=3"]), tmp_path)
+    assert str(err.value) == (
+        f"hydra.run.dir={str(tmp_path)!r}: the checkpoint was made with seed=0, this config has "
+        "seed=3 (this directory holds another run; choose a new one)"
+    )
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+# -- divergence ---------------------------------------------------------------------------------
+def test_a_diverging_learning_rate_is_rejected_and_the_run_finishes(tmp_path: Path) -> None:
+    # From lr 0, a sign step of 9 overflows the 200-step run: rejected, halved, accepted.
+    cfg = metahpo.compose(
+        [*QUICK, "horizon=200", "schedule.lr.segments=1", "schedule.lr.init=0.0",
+         "schedule.lr.bounds=[0,10]", "outer.steps=3", "outer.optimizer.step_size.lr=9.0",
+         "outer.optimizer.halve_on_flip=false", "schedule.momentum.learn=false",
+         "schedule.weight_decay.learn=false"]
+    )  # fmt: skip
+    out = metahpo.run(cfg, tmp_path)
+    assert out["rejected_steps"] == len(out["rejections"]) >= 1
+    rejected = out["rejections"][0]
+    assert rejected["outer_step"] == 1 and "not finite" in rejected["reason"]
+    assert rejected["schedule"]["lr"] == [9.0]
+    lrs = [h["schedule"]["lr"][0] for h in out["history"]]
+    # the rejected value never becomes an iterate; the retry is half a step from the last one
+    assert 9.0 not in lrs
+    assert lrs[:2] == [0.0, 9.0 / 2 ** rejected_count(out, 1)]
+    assert all(math.isfinite(h["meta_loss"]) for h in out["history"])
+    assert out["stopped"] in ("max_steps", "converged") and out["stop_message"] is None
+    final = out["final"]["learned"]
+    assert final["diverged_seeds"] == 0 and math.isfinite(final["test_loss"])
+    assert json.loads((tmp_path / "results.json").read_text())["rejected_steps"] == len(
+        out["rejections"]
+    )
+
+
+def rejected_count(out: dict[str, Any], step: int) -> int:
+    return sum(r["outer_step"] == step for r in out["rejections"])
+
+
+def test_a_nan_hypergradient_stops_after_max_failures_with_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ForwardMode.hypergradient
+    calls = {"n": 0}
+
+    def nan_after_first(self: ForwardMode, task: Any, schedule: Any) -> Hypergradient:
+        calls["n"] += 1
+        hg = original(self, task, schedule)
+        if calls["n"] > 1:  # e.g. forward-mode tangents overflowing while the weights do not
+            hg.grads["momentum"] = torch.full_like(hg.grads["momentum"], float("nan"))
+        return hg
+
+    monkeypatch.setattr(ForwardMode, "hypergradient", nan_after_first)
+    out = metahpo.run(metahpo.compose([*QUICK, "outer.steps=10", "outer.max_failures=3"]), tmp_path)
+    assert out["stopped"] == "diverged" and out["rejected_steps"] == 3
+    assert "3 consecutive rejected outer steps (outer.max_failures=3)" in out["stop_message"]
+    assert "hypergradient of momentum is not finite" in out["rejections"][0]["reason"]
+    assert out["outer_steps"] == 1 and calls["n"] == 4
+    # the learned schedule is the best accepted one, retrained and evaluated as usual
+    assert out["learned_schedule"]["lr"]["values"] in [h["schedule"]["lr"] for h in out["history"]]
+    assert math.isfinite(out["final"]["learned"]["test_loss"])
+    assert json.loads((tmp_path / "results.json").read_text())["stopped"] == "diverged"
+
+
+def test_a_diverging_start_writes_results_and_raises_one_line(tmp_path: Path) -> None:
+    cfg = metahpo.compose(
+        [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "schedule.lr.init=9.0"]
+    )
+    with pytest.raises(DivergenceError) as err:
+        metahpo.run(cfg, tmp_path)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("inner training diverged")
+    assert "with the schedule the run started from" in text and "results.json" in text
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["stopped"] == "diverged" and partial["rejected_steps"] == 1
+    assert partial["final"] is None and partial["learned_schedule"] is None
+
+
+# -- determinism and resume ---------------------------------------------------------------------
+def test_same_config_twice_gives_identical_results(tmp_path: Path) -> None:
+    args = ["experiment=smoke", "progress=false", "outer.steps=3", "final.seeds=[0,1]"]
+    a = metahpo.run(metahpo.compose(args), tmp_path / "a")
+    b = metahpo.run(metahpo.compose(args), tmp_path / "b")
+    assert a["history"][0]["meta_loss"] > 0  # a real run, on digits
+    assert without_timings(a) == without_timings(b)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    args = ["progress=false", "horizon=60", "outer.steps=5", "outer.stop_fraction=0"]
+    args += ["final.seeds=[0]"]
+
+    def command(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "metahpo", *args, f"hydra.run.dir={run_dir}"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint, deadline = killed / "checkpoint.pt", time.monotonic() + 600
+    seen = 0.0
+    try:
+        while True:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            stamp = checkpoint.stat().st_mtime if checkpoint.is_file() else seen
+            if stamp != seen:
+                seen = stamp
+                if torch.load(checkpoint, weights_only=False)["k"] >= 2:
+                    break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(checkpoint, weights_only=False)
+    assert 2 <= ckpt["k"] < 5 and ckpt["done"] is None
+    assert not (killed / "results.json").exists()
+
+    again = subprocess.run(command(killed), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout + again.stderr
+    straight = subprocess.run(
+        command(tmp_path / "straight"), capture_output=True, text=True, timeout=600
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed = json.loads((killed / "results.json").read_text())
+    uninterrupted = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert resumed["outer_steps"] == 5
+    assert resumed["learned_schedule"] == uninterrupted["learned_schedule"]
+    assert resumed["final"] == uninterrupted["final"]
+    assert without_timings(resumed) == without_timings(uninterrupted)
