@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -253,12 +254,13 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error(tmp_path: Path, how: str
 
 
 def test_torchrun_stops_every_rank_when_one_dies(tmp_path: Path) -> None:
+    """torchrun's agent ends the survivor (which may first report its failed collective)."""
     start = time.monotonic()
     proc = torchrun([*DYING, f"hydra.run.dir={tmp_path}/run"], tmp_path, timeout=BOUND)
     assert time.monotonic() - start < BOUND
     assert proc.returncode != 0
-    assert "exitcode  : 3" in proc.stderr  # torchrun names the rank that died
-    assert "metahpo: error: rank 0 of 2: a collective failed" in proc.stderr
+    # torchrun's report names the rank that died and its exit code
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: 3", proc.stderr)
     assert not (tmp_path / "run" / "results.json").exists()
 
 
