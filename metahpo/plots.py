@@ -1,8 +1,10 @@
-"""The two pictures of a run: the learned schedules, and the meta-loss over outer steps."""
+"""Pictures of a run (its schedules, its meta-loss over outer steps) and of a comparison of
+runs (meta-loss per estimator, learned schedules overlaid)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from metahpo import results as results_lib  # noqa: E402
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
 
 LABELS = {"lr": "learning rate", "momentum": "momentum", "weight_decay": "weight decay"}
@@ -58,6 +61,116 @@ def plot_history(
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="center right")
     return _save(fig, path, title)
+
+
+def plot_meta_loss_comparison(
+    runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, title: str = ""
+) -> Path:
+    """Meta-loss against outer step (left) and against the time spent in hypergradients so far
+    (right): one row per task, one colour per label (estimator), one line per run (seed).
+
+    Args:
+        runs: label -> the results dicts of its runs.
+    """
+    tasks = _tasks(runs)
+    styles = _styles(runs)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.8 * len(tasks)), squeeze=False)
+    for (ax_step, ax_time), task in zip(axes, tasks, strict=True):
+        for label, group in sorted(runs.items()):  # widest lines first
+            for i, res in enumerate(r for r in group if r["task"] == task):
+                # seconds accumulate over every entry: the last one scores the final iterate
+                seconds = list(
+                    itertools.accumulate(h.get("seconds") or 0.0 for h in res["history"])
+                )
+                points = [
+                    (h["outer_step"], t, h["meta_loss"])
+                    for h, t in zip(res["history"], seconds, strict=True)
+                    if h.get("meta_loss") is not None
+                ]
+                if not points:
+                    continue
+                steps, times, losses = zip(*points, strict=True)
+                style = dict(marker="o", ms=3, alpha=0.85, **styles[label])
+                name = _legend_name(label, group, task) if i == 0 else None
+                ax_step.plot(steps, losses, label=name, **style)
+                ax_time.plot(times, losses, **style)
+        ax_step.set_xlabel("outer step")
+        ax_step.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_time.set_xlabel("time in hypergradients (s)")
+        for ax in (ax_step, ax_time):
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{task}: meta-loss (val loss)")
+            ax.grid(alpha=0.3, which="both")
+        ax_step.legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def plot_schedule_comparison(
+    runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, title: str = ""
+) -> Path:
+    """Learned schedules overlaid: one panel per task and hyperparameter type, one colour per
+    label (estimator), one line per run; the baseline dashed in black.
+
+    Args:
+        runs: label -> the results dicts of its runs.
+    """
+    tasks = _tasks(runs)
+    styles = _styles(runs)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.6 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks, strict=True):
+        baselines: dict[str, HyperSchedule] = {}
+        for label, group in sorted(runs.items()):  # widest lines first
+            # a run stopped by divergence before any accepted step learned no schedule
+            mine = [r for r in group if r["task"] == task and r.get("learned_schedule")]
+            for i, res in enumerate(mine):
+                learned = results_lib.learned_schedule(res)
+                key = repr((res["horizon"], res["baseline_schedule"]))
+                baselines.setdefault(key, results_lib.baseline_schedule(res))
+                for ax, name in zip(row, HYPERPARAMETERS, strict=True):
+                    ax.step(
+                        range(learned.horizon),
+                        learned.per_step(name).numpy(),
+                        where="post",
+                        alpha=0.85,
+                        label=_legend_name(label, group, task) if i == 0 else None,
+                        **styles[label],
+                    )
+        for j, baseline in enumerate(baselines.values()):
+            for ax, name in zip(row, HYPERPARAMETERS, strict=True):
+                ax.step(
+                    range(baseline.horizon),
+                    baseline.per_step(name).numpy(),
+                    where="post",
+                    color="black",
+                    ls="--",
+                    lw=1,
+                    label="baseline" if j == 0 else None,
+                )
+        for ax, name in zip(row, HYPERPARAMETERS, strict=True):
+            ax.set_title(f"{task}: {LABELS[name]}")
+            ax.set_xlabel("inner step")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def _tasks(runs: Mapping[str, Sequence[dict[str, Any]]]) -> list[str]:
+    return sorted({r["task"] for group in runs.values() for r in group})
+
+
+def _styles(runs: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """A label's colour and line width, the same in every comparison plot; earlier labels are
+    drawn wider, so that a curve equal to a later one (two exact estimators) still shows."""
+    labels = sorted(runs)
+    return {
+        label: {"color": f"C{i % 10}", "lw": 1.2 + 0.9 * (len(labels) - 1 - i)}
+        for i, label in enumerate(labels)
+    }
+
+
+def _legend_name(label: str, group: Sequence[dict[str, Any]], task: str) -> str:
+    n = sum(r["task"] == task for r in group)
+    return f"{label} ({n} run{'s' if n > 1 else ''})"
 
 
 def _save(fig: Figure, path: Path, title: str) -> Path:

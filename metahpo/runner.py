@@ -21,12 +21,13 @@ from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
 from metahpo.device import rng_states, set_rng_states
 from metahpo.inner import fit
+from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
+from metahpo.results import SCHEMA_VERSION
 from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
 
 log = logging.getLogger("metahpo")
-SCHEMA_VERSION = 2
 CHECKPOINT_VERSION = 2
 
 
@@ -57,7 +58,7 @@ def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Learn the schedule, retrain with it and with the baseline, return (and write) results.
 
-    Writes into ``output_dir`` when given: ``results.json`` (schema in docs/results.md),
+    Writes into ``output_dir`` when given: ``results.json`` (schema in docs/outputs.md),
     ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (written
     atomically after every outer step). A directory that already holds a checkpoint is resumed
     from it, as is ``resume=<dir>``; a killed run continues where it stopped, with the same result.
@@ -81,7 +82,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     name = f"{_estimator_name(setup)}-{setup.task.name}-s{cfg.seed}"
-    setup.logger.start(OmegaConf.to_container(cfg, resolve=True), name, out_dir)
+    tags = [_estimator_name(setup), setup.task.name]
+    setup.logger.start(OmegaConf.to_container(cfg, resolve=True), name, out_dir, tags=tags)
     results: dict[str, Any] = {}
     files: list[Path] = []
     failed = True
@@ -107,7 +109,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             log.warning("%s", loop.message)
         failed = False
     finally:
-        setup.logger.finish(_summary(results), files, failed=failed)
+        setup.logger.finish(results, files, failed=failed)
     return results
 
 
@@ -247,7 +249,7 @@ class _OuterLoop:
                 if hg.schedule is not None:
                     entry.update(online=True, schedule_after=_values(hg.schedule))
                 self.history.append(entry)
-                setup.logger.log(self.k, _metrics(entry))
+                setup.logger.log(self.k, step_metrics(entry))
                 bar.set_postfix(meta_loss=f"{hg.meta_loss:.4f}")
                 bar.update(1)
                 if hg.schedule is not None:
@@ -426,19 +428,6 @@ def _values(schedule: HyperSchedule) -> dict[str, list[float]]:
     return {n: v.tolist() for n, v in schedule.values.items()}
 
 
-def _metrics(entry: dict[str, Any]) -> dict[str, Any]:
-    m = {
-        k: entry[k]
-        for k in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb")
-        if entry.get(k) is not None
-    }
-    for n, g in (entry.get("hypergradient") or {}).items():
-        m[f"hypergrad_norm/{n}"] = float(torch.tensor(g).norm())
-    for n, vals in entry["schedule"].items():
-        m.update({f"{n}/{i}": v for i, v in enumerate(vals)})
-    return m
-
-
 def _results(
     cfg: DictConfig,
     setup: Setup,
@@ -509,16 +498,6 @@ def _write(
             plot_history(loop.history, out_dir / "meta_loss.png", title, selected=loop.selected)
         )
     return files
-
-
-def _summary(results: dict[str, Any]) -> dict[str, Any]:
-    final = results.get("final") or {}
-    out: dict[str, Any] = {"wall_time_seconds": results.get("wall_time_seconds")}
-    for label in ("learned", "baseline"):
-        for key in ("test_accuracy", "test_loss"):
-            if final.get(label, {}).get(key) is not None:
-                out[f"{label}/{key}"] = final[label][key]
-    return out
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -112,6 +112,17 @@ class HyperSchedule:
             for n in HYPERPARAMETERS
         }
 
+    @classmethod
+    def from_dict(cls, horizon: int, d: Mapping[str, Mapping[str, Any]]) -> HyperSchedule:
+        """The schedule :meth:`to_dict` described (``results.json``'s ``learned_schedule``)."""
+        specs = {}
+        for n in HYPERPARAMETERS:
+            lo, hi = d[n]["bounds"]
+            specs[n] = HyperSpec(
+                int(d[n]["segments"]), (float(lo), float(hi)), bool(d[n]["learned"])
+            )
+        return cls(horizon, specs, {n: d[n]["values"] for n in HYPERPARAMETERS})
+
     def __repr__(self) -> str:
         parts = ", ".join(
             f"{n}={[round(x, 5) for x in self.values[n].tolist()]}" for n in HYPERPARAMETERS

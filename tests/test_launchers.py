@@ -3,12 +3,15 @@ failing job is reported in one line and fails the sweep without stopping the oth
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from metahpo import compare
 
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
 PLUGINS = {
@@ -42,6 +45,15 @@ def test_joblib_sweep_over_estimators_and_seeds(tmp_path: Path) -> None:
         ("forward", 1, 2, True),
         ("truncated_reverse", 0, 2, True),
         ("truncated_reverse", 1, 2, True),
+    ]
+    # metahpo-compare reads the launcher's sweep directory like any other
+    compare.main([str(tmp_path / "sweep")])
+    rows = list(csv.DictReader((tmp_path / "sweep" / "comparison" / "report.csv").open()))
+    assert sorted((r["estimator"], r["seed"]) for r in rows) == [
+        ("forward", "0"),
+        ("forward", "1"),
+        ("truncated_reverse", "0"),
+        ("truncated_reverse", "1"),
     ]
 
 

@@ -13,7 +13,6 @@ import torch
 
 import metahpo
 from estimators.forward import ForwardMode
-from tests.wandb_files import read_run
 
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,22 +113,6 @@ def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
         metahpo.run(cfg)
     with pytest.raises(metahpo.ConfigError, match="no checkpoint.pt there"):
         metahpo.run(metahpo.compose([*QUICK, f"resume={tmp_path / 'missing'}"]))
-
-
-def test_wandb_offline_run_files(tmp_path: Path) -> None:
-    cfg = metahpo.compose([*QUICK, "outer.steps=3", "logger=wandb", f"logger.dir={tmp_path}"])
-    out = metahpo.run(cfg, tmp_path / "run")
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    logged = read_run(run_dir)
-    steps = [h for h in logged["history"] if "meta_loss" in h]
-    expected = [h["meta_loss"] for h in out["history"] if h["hypergradient"] is not None]
-    assert [h["meta_loss"] for h in steps] == pytest.approx(expected)
-    assert steps[0]["lr/0"] == 0.0 and "hypergrad_norm/lr" in steps[0]
-    assert logged["summary"]["learned/test_loss"] == pytest.approx(
-        out["final"]["learned"]["test_loss"]
-    )
-    assert logged["config"]["horizon"] == 20
-    assert logged["config"]["task"]["_target_"] == "tasks.quadratic.Quadratic"
 
 
 def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:
