@@ -47,6 +47,8 @@ class Greedy:
     Memory: the graph of one window, O(W (P + activations)), constant in the horizon.
     Compute: every step is taken once with ``create_graph``, plus one validation loss and one
     backward per window: about ``3 T`` gradient evaluations and ``T / W`` validation passes.
+    Data-parallel (:mod:`metahpo.distributed`): per step one all-reduce of the gradient (P
+    numbers), plus one per window step in the backward pass (:mod:`metahpo.reverse`).
 
     Args:
         W: inner steps per window, from 1 to the horizon.
@@ -55,6 +57,7 @@ class Greedy:
     """
 
     name = "greedy"
+    data_parallel = True
 
     def __init__(
         self,

@@ -29,6 +29,8 @@ class TruncatedReverse:
     Memory: grows with K, not T: the graph of K steps, O(K (P + activations)).
     Compute: ``T - K`` plain steps, then ``K`` steps with ``create_graph`` and one backward
     through them: about ``T + 3 K`` gradient evaluations.
+    Data-parallel (:mod:`metahpo.distributed`): per step one all-reduce of the gradient (P
+    numbers), plus one per window step in the backward pass (:mod:`metahpo.reverse`).
 
     Args:
         K: steps to backpropagate through, from 1 to the horizon (checked at the start of
@@ -36,6 +38,7 @@ class TruncatedReverse:
     """
 
     name = "truncated_reverse"
+    data_parallel = True
 
     def __init__(self, K: int = 20) -> None:
         self.K = check_window("K", K)

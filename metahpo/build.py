@@ -13,8 +13,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metahpo import distributed
 from metahpo.core import ConfigError, HypergradientEstimator, Task
 from metahpo.device import resolve_device, resolve_dtype
+from metahpo.loggers import NullLogger
 from metahpo.schedule import (
     HYPERPARAMETERS,
     HyperSchedule,
@@ -92,8 +94,10 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
     # ``check(schedule)`` on the estimator, so they fail here rather than at the first estimate.
     if callable(getattr(estimator, "check", None)):
         estimator.check(schedule)
+    distributed.check(task, estimator, str(getattr(estimator, "name", cfg.estimator._target_)))
     optimizer = _instantiate(cfg.outer.optimizer, "outer.optimizer")
-    logger = _instantiate(cfg.logger, "logger")
+    # In a data-parallel run only rank 0 tracks the run.
+    logger = _instantiate(cfg.logger, "logger") if distributed.is_main() else NullLogger()
     return Setup(
         task=task,
         schedule=schedule,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from metahpo import distributed
 from metahpo.config import check_composes, check_overrides, config_dir
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.runner import format_table, run
@@ -16,6 +19,14 @@ from metahpo.runner import format_table, run
 # Jobs of this process's sweep that failed: a bad job is reported and the sweep goes on, and the
 # command exits non-zero at the end.
 _failed_jobs: list[str] = []
+
+
+class SweepJobFailed(CompactHydraException):
+    """A sweep job's one-line error, carried back to the sweep from a launcher's process.
+
+    Hydra marks the job failed, runs the rest of the sweep, then prints this message alone
+    (a compact exception) and exits 1.
+    """
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -29,16 +40,20 @@ def _app(cfg: DictConfig) -> None:
     out = hydra_cfg.runtime.output_dir
     try:
         results = run(cfg, out)
-    except (ConfigError, DivergenceError) as e:
+    except (ConfigError, DivergenceError, distributed.PeerError) as e:
         code = 2 if isinstance(e, ConfigError) else 1
         if hydra_cfg.mode != RunMode.MULTIRUN:
             _fail(str(e), code)
         job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
         print(f"metahpo: error in {job}: {e}", file=sys.stderr)
+        if "BasicLauncher" not in str(hydra_cfg.launcher.get("_target_")):
+            # The job runs in another process (joblib, submitit): only its result gets back.
+            raise SweepJobFailed(f"metahpo: error: {job} failed: {e}") from None
         _failed_jobs.append(job)
         return
-    print(format_table(results))
-    print(f"results, plots and config: {out}")
+    if distributed.is_main():
+        print(format_table(results))
+        print(f"results, plots and config: {out}")
 
 
 def main() -> None:
@@ -51,7 +66,17 @@ def main() -> None:
         check_composes(known.overrides)
     except ConfigError as e:
         _fail(str(e))
-    _app()
+    if distributed.launched() and not distributed.is_main():
+        # Ranks other than 0 write nothing: Hydra's run directory and log go to a scratch one.
+        with tempfile.TemporaryDirectory(prefix=f"metahpo-rank{distributed.rank()}-") as tmp:
+            sys.argv += [
+                f"hydra.run.dir={tmp}",
+                f"hydra.sweep.dir={tmp}",
+                "hydra/job_logging=disabled",
+            ]
+            _app()
+    else:
+        _app()
     if _failed_jobs:
         _fail(f"{len(_failed_jobs)} sweep job(s) failed: {'; '.join(_failed_jobs)}", code=1)
 

@@ -191,6 +191,12 @@ def validate(cfg: DictConfig) -> None:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
+    backend = OmegaConf.select(cfg, "distributed.backend")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"distributed.backend={backend!r} is unknown; allowed: auto, gloo, nccl")
+    timeout = OmegaConf.select(cfg, "distributed.timeout")
+    if not _is_number(timeout) or timeout <= 0:
+        raise ConfigError(f"distributed.timeout={timeout!r} must be a positive number (seconds)")
     for group in ("task", "estimator", "logger"):
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
@@ -207,6 +213,7 @@ def _known_keys() -> dict[str, set[str]]:
         "": ({str(k) for k in primary} - {"defaults", "hydra"}) | set(GROUPS) | {"baseline"},
         "outer": outer,
         "final": {str(k) for k in primary.final},
+        "distributed": {str(k) for k in primary.distributed},
         "baseline": {*HYPERPARAMETERS, "lr_decay"},
         **{f"schedule.{n}": {"segments", "bounds", "init", "learn"} for n in HYPERPARAMETERS},
         "schedule": set(HYPERPARAMETERS),

@@ -18,13 +18,19 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU)."""
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU).
+
+    Under torchrun, ``cuda`` (and ``auto`` on a CUDA machine) is the local rank's GPU,
+    ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` is taken as given.
+    """
     name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu" or name == "cuda" or name.startswith("cuda:"):
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device(name)
     raise ConfigError(f"device={name!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
+from metahpo import distributed
 from metahpo.core import Batch, Buffers, DivergenceError, Params, Task
 from metahpo.schedule import HyperSchedule
 
@@ -57,6 +58,10 @@ class FlatTask:
 
     Forward-mode tangents are ``[columns, P]`` matrices; the flat view makes every
     Hessian-vector product one batched call.
+
+    Data-parallel runs (:mod:`metahpo.distributed`) are handled here, once: :meth:`batch` is the
+    rank's share of the global batch, and :meth:`grad`, :meth:`next_buffers` and
+    :meth:`val_loss_and_grad` are averaged over ranks.
     """
 
     def __init__(self, task: Task) -> None:
@@ -97,16 +102,21 @@ class FlatTask:
         loss, grads = val_loss_and_grad(self.task, self.unflatten(theta.detach()), buffers)
         return loss, self.flatten(grads)
 
+    def batch(self, step: int) -> Batch:
+        """The training batch of inner step ``step``: this rank's share of the task's batch."""
+        return distributed.shard(self.task.batch(step))
+
     def grad(self, step: int, state: InnerState, batch: Batch) -> Tensor:
         """Training gradient at ``state`` (the default ``grad_fn`` of :func:`train`)."""
         g, _ = grad_and_value(self.train_loss)(state.theta, state.buffers, batch)
-        return g
+        return distributed.all_reduce_mean_(g)
 
     def next_buffers(self, theta: Tensor, buffers: Buffers, batch: Batch) -> Buffers:
         if not buffers:
             return buffers
         with torch.no_grad():
-            return self.task.next_buffers(self.unflatten(theta.detach()), buffers, batch)
+            new = self.task.next_buffers(self.unflatten(theta.detach()), buffers, batch)
+        return distributed.average_buffers(new)
 
     def evaluate(self, state: InnerState, split: str = "test") -> dict[str, float]:
         with torch.no_grad():
@@ -123,7 +133,8 @@ def val_loss_and_grad(task: Task, params: Params, buffers: Buffers) -> tuple[flo
     :class:`~metahpo.taskbase.SupervisedTask` does), so memory holds one chunk's activations
     rather than the whole split's; otherwise from ``task.val_loss`` in one pass. Reverse-mode
     estimators backpropagate this gradient through their tape, forward mode contracts its
-    tangents with it.
+    tangents with it. In a data-parallel run ``val_loss_terms`` yields this rank's share of the
+    terms (:func:`metahpo.distributed.share`) and loss and gradient are summed over ranks.
     """
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     grads = {k: torch.zeros_like(p) for k, p in leaves.items()}
@@ -137,6 +148,12 @@ def val_loss_and_grad(task: Task, params: Params, buffers: Buffers) -> tuple[flo
                 if g is not None:
                     grads[k] += g
             total += float(term.detach())
+    if terms_of and distributed.world_size() > 1:  # each rank summed its share of the terms
+        for g in grads.values():
+            distributed.all_reduce_sum_(g)
+        any_grad = next(iter(grads.values()))
+        loss = torch.tensor(total, dtype=torch.float64, device=any_grad.device)
+        total = float(distributed.all_reduce_sum_(loss))
     return total, grads
 
 
@@ -171,9 +188,10 @@ def train(
     lr, mom, wd = table["lr"], table["momentum"], table["weight_decay"]
     steps: Iterable[int] = range(state.step, stop)
     if stop - state.step >= PROGRESS_MIN_STEPS:  # long runs get a bar (on terminals only)
-        steps = tqdm(steps, desc="inner steps", unit="step", leave=False, disable=None)
+        quiet = None if distributed.is_main() else True
+        steps = tqdm(steps, desc="inner steps", unit="step", leave=False, disable=quiet)
     for t in steps:
-        batch = flat.task.batch(t)
+        batch = flat.batch(t)
         g = grad_fn(t, state, batch)
         theta, velocity = sgd_step(state.theta, state.velocity, g, lr[t], mom[t], wd[t])
         new = InnerState(

@@ -9,6 +9,12 @@ table is an indexing of the shared values (:meth:`HyperSchedule.per_step`).
 
 Memory: the window's graph, i.e. O(window length x (P + activations of one step and of its
 double backward)); nothing is stored for the steps before the window.
+
+Data-parallel (:mod:`metahpo.distributed`): every step's gradient is averaged over ranks with
+:func:`~metahpo.distributed.all_reduce_mean`, whose backward averages the vector-Jacobian
+products over ranks too, and the window's hypergradient is averaged once at the end: exactly
+the single-process result on the same global batches, at one all-reduce of P numbers per step
+forward and one per step backward.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metahpo import distributed
 from metahpo.core import Batch, ConfigError
 from metahpo.inner import FlatTask, InnerState, train
 from metahpo.schedule import HyperSchedule
@@ -57,14 +64,14 @@ def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) 
     """Training gradient that keeps its graph (a ``grad_fn`` for :func:`metahpo.inner.train`).
 
     When ``state.theta`` carries no graph (the window's first step, a constant) the gradient is
-    a constant too and no graph is built.
+    a constant too and no graph is built. Averaged over ranks in a data-parallel run.
     """
     tracked = state.theta.requires_grad
     theta = state.theta if tracked else state.theta.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = flat.train_loss(theta, state.buffers, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=tracked)
-    return g
+        return distributed.all_reduce_mean(g)
 
 
 def window_hypergradient(
@@ -102,7 +109,7 @@ def window_hypergradient(
             got = torch.autograd.grad(end.theta, list(leaves.values()), g_val, allow_unused=True)
     grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
     for name, g in zip(leaves, got, strict=True):
-        if g is not None:
-            grads[name] = g.detach().to(torch.float64)
+        if g is not None:  # the same on every rank: the graphs have the same shape
+            grads[name] = distributed.all_reduce_mean_(g.detach()).to(torch.float64)
     after = InnerState(end.theta.detach(), end.velocity.detach(), end.buffers, end.step)
     return Window(after, meta, grads)

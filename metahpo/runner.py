@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from metahpo import distributed
 from metahpo.build import Setup, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
@@ -31,8 +32,12 @@ CHECKPOINT_VERSION = 2
 
 
 def hypergradient(cfg: DictConfig) -> Hypergradient:
-    """The configured estimator's hypergradient at the schedule's initial values."""
+    """The configured estimator's hypergradient at the schedule's initial values.
+
+    Under torchrun, data-parallel over the launched ranks (docs/scaling.md).
+    """
     validate(cfg)
+    distributed.join(cfg)
     setup = build(cfg)
     return setup.estimator.hypergradient(setup.task, setup.schedule)
 
@@ -57,6 +62,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (written
     atomically after every outer step). A directory that already holds a checkpoint is resumed
     from it, as is ``resume=<dir>``; a killed run continues where it stopped, with the same result.
+    Under torchrun the run is data-parallel over the launched ranks and only rank 0 writes
+    (docs/scaling.md).
 
     Raises:
         ConfigError: a bad config or an incompatible checkpoint, before any training.
@@ -64,6 +71,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             still holds the history and the rejected steps.
     """
     validate(cfg)
+    distributed.join(cfg)
+    if distributed.world_size() > 1:
+        cfg, output_dir = _rank_view(cfg, output_dir)
     started = time.perf_counter()
     out_dir = Path(output_dir) if output_dir is not None else None
     setup = build(cfg)
@@ -101,6 +111,20 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     finally:
         setup.logger.finish(results, files, failed=failed)
     return results
+
+
+def _rank_view(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig, Path | None]:
+    """A data-parallel rank's config and run directory: rank 0 keeps both; the others write
+    nothing, show no progress bar, and continue from the checkpoint rank 0 continues from."""
+    own = Path(output_dir) / "checkpoint.pt" if output_dir is not None else None
+    found = own is not None and own.is_file() and not cfg.resume and distributed.is_main()
+    resume = distributed.broadcast(str(own) if found else None)  # rank 0's own directory's
+    if distributed.is_main():
+        return cfg, None if output_dir is None else Path(output_dir)
+    overrides: dict[str, Any] = {"progress": False}
+    if resume is not None:
+        overrides["resume"] = resume
+    return OmegaConf.merge(cfg, overrides), None  # type: ignore[return-value]
 
 
 class _OuterLoop:
@@ -419,6 +443,7 @@ def _results(
         "horizon": int(cfg.horizon),
         "device": str(setup.task.device),
         "dtype": str(cfg.dtype),
+        "world_size": distributed.world_size(),
         "stopped": loop.stopped,
         "outer_steps": loop.k,
         "rejected_steps": len(loop.rejections),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metahpo import distributed
 from metahpo.core import Batch, Buffers, ConfigError, Params
 
 Split = Literal["train", "val", "test"]
@@ -180,14 +181,18 @@ class SupervisedTask:
         """The validation loss as a sum of per-chunk terms (``eval_batch_size`` images each).
 
         Differentiating term by term (:func:`metahpo.inner.val_loss_and_grad`) holds one
-        chunk's activations at a time instead of the whole validation split's.
+        chunk's activations at a time instead of the whole validation split's. In a
+        data-parallel run only this rank's share of the split is chunked (the terms of all
+        ranks add up to the loss).
         """
         self.model.eval()
         try:
             x, y = self.data["val"]
             n = len(y)
-            for i in range(0, n, self.eval_batch_size):
-                xb, yb = x[i : i + self.eval_batch_size], y[i : i + self.eval_batch_size]
+            mine = distributed.share(n)
+            for i in range(mine.start, mine.stop, self.eval_batch_size):
+                j = min(i + self.eval_batch_size, mine.stop)
+                xb, yb = x[i:j], y[i:j]
                 yield self._loss(self._forward(params, buffers, xb), yb) * (len(yb) / n)
         finally:
             self.model.train()
