@@ -62,14 +62,26 @@ def parser() -> Parser:
     p.add_argument(
         "--budget-seconds",
         type=_positive(float),
+        default=150.0,
+        help="skip the timed runs of a cell whose repeats would take longer (estimate)",
+    )
+    p.add_argument(
+        "--budget-memory-seconds",
+        type=_positive(float),
         default=300.0,
-        help="skip a cell whose estimated time (all its runs) exceeds this",
+        help="skip the memory run of a cell that would take longer (estimate)",
     )
     p.add_argument(
         "--budget-mib",
         type=_positive(float),
         default=3072.0,
         help="skip a cell whose estimated peak memory exceeds this",
+    )
+    p.add_argument(
+        "--budget-profile-seconds",
+        type=_positive(float),
+        default=20.0,
+        help="skip the profiled run (torch's allocation counters, CPU) above this estimate",
     )
     p.add_argument("--no-memory", action="store_true", help="time only")
     p.add_argument("--no-torch-memory", action="store_true", help="skip the profiled runs (CPU)")
@@ -146,6 +158,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "quick": args.quick,
             "repeats": args.repeats,
             "budget_seconds": args.budget_seconds,
+            "budget_memory_seconds": args.budget_memory_seconds,
+            "budget_profile_seconds": args.budget_profile_seconds,
             "budget_mib": args.budget_mib,
             "rss_reset": rss_reset_supported(),
         },
@@ -185,8 +199,9 @@ def run_task(
 
     horizons = sorted(args.horizons or workload.horizons)
     cells: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    all_rounds: list[dict[str, Any]] = [parts]
     for horizon in horizons:
-        plan = {m: _plan(m, cells[m], horizon, args) for m in methods}
+        plan = {m: _plan(m, cells[m], horizon, args, workload.limits.get(m)) for m in methods}
         for m in methods:
             if plan[m]["memory"] is None and runner is not None:
                 spec = {
@@ -198,9 +213,9 @@ def run_task(
                     "device": str(device),
                     "forward": setting,
                     "torch_memory": not args.no_torch_memory,
-                    "budget_seconds": args.budget_seconds,
+                    "budget_profile_seconds": args.budget_profile_seconds,
                 }
-                mem = runner.measure(spec, timeout=3 * args.budget_seconds + 120)
+                mem = runner.measure(spec, timeout=3 * args.budget_memory_seconds + 120)
                 print(f"  {workload.name} T={horizon} {m} memory: {_mib(mem)}", flush=True)
                 cells[m].setdefault(horizon, {})["memory"] = mem
             elif plan[m]["memory"] is not None:
@@ -209,8 +224,11 @@ def run_task(
         for m in methods:
             if plan[m]["time"] is not None:
                 cells[m].setdefault(horizon, {})["time"] = {"skipped": plan[m]["time"]}
-        got = time_methods(timed, task, workload, horizon, forward, args.repeats)
-        lb = lower_bound(parts, workload, horizon)
+        if not timed:
+            continue
+        got, rounds = time_methods(timed, task, workload, horizon, forward, args.repeats)
+        all_rounds += rounds
+        lb = statistics.median(lower_bound(p, workload, horizon) for p in rounds)
         for m, t in got.items():
             cells[m].setdefault(horizon, {})["time"] = _summary(t.seconds, horizon, lb)
             cells[m][horizon]["grads"] = t.grads
@@ -223,14 +241,28 @@ def run_task(
         "parameters": n_params,
         "columns": workload.columns,
         "horizons": horizons,
-        "lower_bound": parts,
+        "lower_bound": _pooled(all_rounds),
         "formulations": formulations,
         "forward_setting": setting,
         "cells": {m: {str(h): c for h, c in cs.items()} for m, cs in cells.items()},
     }
 
 
+def _pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lower bound's parts as medians over every round they were timed in."""
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("grad_seconds", "hvp_seconds")}
+    names = [r["hvp_formulation"] for r in rounds]
+    grads = [r["grad_formulation"] for r in rounds]
+    return {
+        **med,
+        "hvp_formulation": max(set(names), key=names.count),
+        "grad_formulation": max(set(grads), key=grads.count),
+        "rounds": len(rounds),
+    }
+
+
 def _summary(seconds: list[float], horizon: int, lb: float) -> dict[str, Any]:
+    """Median, spread, per step, and the ratio to forward mode's lower bound (same rounds)."""
     med = statistics.median(seconds)
     return {
         "seconds": seconds,
@@ -239,7 +271,7 @@ def _summary(seconds: list[float], horizon: int, lb: float) -> dict[str, Any]:
         "max": max(seconds),
         "per_step": med / horizon,
         "lower_bound": lb,
-        "over_lower_bound": med / lb,
+        "over_lower_bound": med / lb if lb > 0 else None,
     }
 
 
@@ -252,15 +284,23 @@ def _add_plain_ratios(cells: dict[str, dict[Any, Any]], horizon: int) -> None:
 
 
 def _plan(
-    method: str, done: dict[int, dict[str, Any]], horizon: int, args: argparse.Namespace
+    method: str,
+    done: dict[int, dict[str, Any]],
+    horizon: int,
+    args: argparse.Namespace,
+    limit: int | None,
 ) -> dict[str, str | None]:
     """Why (if at all) to skip ``method``'s memory run and timed runs at ``horizon``.
 
-    Estimates from the largest horizon measured so far: time per step times the horizon, and
+    ``limit``: the task's longest horizon for this method (:class:`Workload`). Otherwise
+    estimates from the largest horizon measured so far: time per step times the horizon, and
     peak memory, linear in the horizon for exact reverse and flat for the others, both with a
     25 % margin.
     """
     plan: dict[str, str | None] = {"memory": None, "time": None}
+    if limit is not None and horizon > limit:
+        reason = f"T > {limit}, this task's longest for {method} (whole run near half an hour)"
+        return {"memory": reason, "time": reason}
     if not done:
         return plan
     last = max(done)
@@ -278,8 +318,10 @@ def _plan(
     peak = max(mem.get("rss") or 0, mem.get("malloc") or 0)
     grow = horizon / last if method in GROWS_WITH_HORIZON else 1.0
     est_mib = peak * grow * MARGIN / 2**20
-    if one_run > args.budget_seconds:
-        plan["memory"] = f"est. {one_run:.0f} s > --budget-seconds {args.budget_seconds:g}"
+    if one_run > args.budget_memory_seconds:
+        plan["memory"] = (
+            f"est. {one_run:.0f} s > --budget-memory-seconds {args.budget_memory_seconds:g}"
+        )
     elif est_mib > args.budget_mib:
         plan["memory"] = f"est. {est_mib:.0f} MiB > --budget-mib {args.budget_mib:g}"
     if plan["memory"] and "MiB" in plan["memory"] and plan["time"] is None:

@@ -90,7 +90,8 @@ def child(conn: Connection, spec: dict[str, Any]) -> None:
         task = workload.build(device)
         forward = ForwardMode(**spec["forward"])
         method, horizon = spec["method"], spec["horizon"]
-        run_once(method, task, workload, min(4, horizon), forward)  # lazy initialisation
+        # lazy initialisation, on a run small enough to leave little freed memory behind
+        run_once(method, task, workload, 1, forward)
         gc.collect()
         out: dict[str, Any] = {}
         rss_ok = _reset_rss_peak()
@@ -106,10 +107,10 @@ def child(conn: Connection, spec: dict[str, Any]) -> None:
             out["torch"] = cost.peak
         elif not spec["torch_memory"]:
             out["torch_skipped"] = "--no-torch-memory"
-        elif cost.seconds * PROFILER_SLOWDOWN > spec["budget_seconds"]:
+        elif cost.seconds * PROFILER_SLOWDOWN > spec["budget_profile_seconds"]:
             out["torch_skipped"] = (
                 f"profiled run est. {cost.seconds * PROFILER_SLOWDOWN:.0f} s > "
-                f"--budget-seconds {spec['budget_seconds']:g}"
+                f"--budget-profile-seconds {spec['budget_profile_seconds']:g}"
             )
         else:
             gc.collect()

@@ -92,13 +92,19 @@ def time_methods(
     horizon: int,
     forward: ForwardMode,
     repeats: int,
-    progress: Callable[[str], None] = print,
-) -> dict[str, Timed]:
+    parts_repeats: int = 5,
+) -> tuple[dict[str, Timed], list[dict[str, Any]]]:
     """Every method ``repeats`` times at ``horizon``, interleaved; the order rotates per repeat.
 
+    Each round also times the lower bound's parts (:func:`lower_bound_parts`), so that the
+    lower bound sees the same load as the runs it is compared with.
+
+    Returns:
+        per method its timings, and the lower bound's parts of every round.
     Cost: ``repeats`` runs of every method.
     """
     out = {m: Timed() for m in methods}
+    parts = []
     for r in range(repeats):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for m in order:
@@ -107,8 +113,9 @@ def time_methods(
             out[m].steps.append(steps)
             if out[m].grads is None:
                 out[m].grads = grads
-            progress(f"  {workload.name} T={horizon} {m}: {seconds:.3f} s")
-    return out
+            print(f"  {workload.name} T={horizon} {m}: {seconds:.3f} s", flush=True)
+        parts.append(lower_bound_parts(task, parts_repeats))
+    return out, parts
 
 
 def steps_by_columns(timed: Timed, workload: Workload, horizon: int) -> dict[int, list[float]]:
