@@ -80,7 +80,7 @@ def parser() -> Parser:
     p.add_argument(
         "--budget-profile-seconds",
         type=_positive(float),
-        default=20.0,
+        default=60.0,
         help="skip the profiled run (torch's allocation counters, CPU) above this estimate",
     )
     p.add_argument("--no-memory", action="store_true", help="time only")

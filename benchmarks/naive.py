@@ -38,7 +38,7 @@ class NaiveForward:
         with CostMeter(task.device) as cost:
             flat = FlatTask(task)
             table = schedule.table(task.device, task.dtype)
-            cols = Columns.of(schedule)
+            cols = Columns(schedule)
             zero = {
                 n: torch.zeros(s, device=task.device, dtype=task.dtype)
                 for n, s in zip(flat.names, flat.shapes, strict=True)
@@ -51,10 +51,10 @@ class NaiveForward:
                 params, g = _gradient_graph(flat, old, batch)
                 velocity, theta = flat.unflatten(old.velocity), flat.unflatten(old.theta)
                 new_velocity = flat.unflatten(new.velocity)
-                for i in range(cols.n_active[t]):
+                for i in range(cols.n_active(t)):
                     hv = _vjp(g, params, Z[i])
-                    name, k = cols.keys[i]
-                    in_force = cols.in_force[name][t] == i
+                    name, _ = cols.keys[i]
+                    in_force = cols.in_force(name, t) == i
                     for n, h in zip(params, hv, strict=True):
                         y = mu * Y[i][n] + h + wd * Z[i][n]
                         if in_force and name == "momentum":
@@ -71,7 +71,7 @@ class NaiveForward:
             meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
             g_params = flat.unflatten(g_val)
             per_column = [float(sum((z[n] * g_params[n]).sum() for n in z)) for z in Z]
-            grads = cols.grads(schedule, torch.tensor(per_column, dtype=torch.float64))
+            grads = cols.grads(torch.tensor(per_column, dtype=torch.float64))
         return Hypergradient(meta_loss, grads, cost.seconds, cost.peak, schedule.horizon)
 
 

@@ -69,20 +69,28 @@ class Timed:
 
 
 def run_once(
-    method: str, task: Task, workload: Workload, horizon: int, forward: ForwardMode
+    method: str,
+    task: Task,
+    workload: Workload,
+    horizon: int,
+    forward: ForwardMode,
+    clock: bool = True,
 ) -> tuple[float, list[float], dict[str, list[float]] | None]:
-    """One hypergradient (or plain training run): seconds, step durations, hypergradient."""
-    clock = StepClock(task)
+    """One hypergradient (or plain training run): seconds, step durations, hypergradient.
+
+    ``clock=False`` leaves out the step clock (whose stamps grow with the horizon), for memory.
+    """
+    stamped = StepClock(task) if clock else None
     schedule = workload.schedule(horizon)
     grads = None
     with host_memory_sampling(False), CostMeter(task.device, sample_memory=False) as cost:
+        run_task: Task = stamped or task  # type: ignore[assignment]
         if method == "plain":
-            fit(clock, schedule)  # type: ignore[arg-type]
+            fit(run_task, schedule)
         else:
-            estimator = make_estimator(method, horizon, forward)
-            hg = estimator.hypergradient(clock, schedule)  # type: ignore[arg-type]
+            hg = make_estimator(method, horizon, forward).hypergradient(run_task, schedule)
             grads = {k: v.tolist() for k, v in hg.grads.items()}
-    return cost.seconds, clock.durations(), grads
+    return cost.seconds, stamped.durations() if stamped else [], grads
 
 
 def time_methods(
@@ -120,11 +128,11 @@ def time_methods(
 
 def steps_by_columns(timed: Timed, workload: Workload, horizon: int) -> dict[int, list[float]]:
     """Step durations grouped by the number of columns started at that step."""
-    active = Columns.of(workload.schedule(horizon)).n_active
+    cols = Columns(workload.schedule(horizon))
     out: dict[int, list[float]] = {}
     for run in timed.steps:
         for t, d in enumerate(run):
-            out.setdefault(active[t], []).append(d)
+            out.setdefault(cols.n_active(t), []).append(d)
     return out
 
 
@@ -198,8 +206,9 @@ def lower_bound_parts(task: Task, repeats: int) -> dict[str, Any]:
 
 def lower_bound(parts: dict[str, Any], workload: Workload, horizon: int) -> float:
     """Seconds of one gradient per step plus one Hessian-vector product per started column."""
-    active = Columns.of(workload.schedule(horizon)).n_active
-    return horizon * parts["grad_seconds"] + sum(active) * parts["hvp_seconds"]
+    cols = Columns(workload.schedule(horizon))
+    active = sum(cols.n_active(t) for t in range(horizon))
+    return horizon * parts["grad_seconds"] + active * parts["hvp_seconds"]
 
 
 def time_formulations(task: Task, columns: int, repeats: int) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import warnings
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,51 +25,48 @@ warnings.filterwarnings(
 )
 
 
-@dataclass(frozen=True)
 class Columns:
     """The tangent columns of a schedule: one per learned shared value.
 
     Columns are ordered by the step their segment starts, so the columns started by step ``t``
-    are the prefix ``[:n_active[t]]`` (a column is exactly zero before its segment starts).
+    are the prefix ``[:n_active(t)]`` (a column is exactly zero before its segment starts).
+    Everything here is O(C) for C columns, nothing O(T): forward mode's memory must not grow
+    with the horizon.
 
     Attributes:
         keys: ``(type, segment)`` of every column.
-        n_active: per step, how many columns have started.
-        in_force: per learned type, per step, the column of the segment in force.
+        starts: the step each column's segment starts (ascending).
     """
 
-    keys: list[tuple[str, int]]
-    n_active: list[int]
-    in_force: dict[str, list[int]]
-
-    @classmethod
-    def of(cls, schedule: HyperSchedule) -> Columns:
+    def __init__(self, schedule: HyperSchedule) -> None:
         cols = sorted(
             (s, name, k)
             for name in schedule.learned
             for k, s in enumerate(schedule.segment_starts(name))
         )
-        index = {(name, k): i for i, (_, name, k) in enumerate(cols)}
-        starts = torch.tensor([s for s, _, _ in cols], dtype=torch.long)
-        steps = torch.arange(schedule.horizon)
-        in_force = {
-            name: [index[name, k] for k in schedule.segment_index(name).tolist()]
-            for name in schedule.learned
-        }
-        return cls(
-            keys=[(name, k) for _, name, k in cols],
-            n_active=torch.searchsorted(starts, steps, right=True).tolist(),
-            in_force=in_force,
-        )
+        self.schedule = schedule
+        self.keys = [(name, k) for _, name, k in cols]
+        self.starts = [s for s, _, _ in cols]
+        self._index = {key: i for i, key in enumerate(self.keys)}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def grads(self, schedule: HyperSchedule, per_column: Tensor) -> dict[str, Tensor]:
+    def n_active(self, step: int) -> int:
+        """How many columns have started by ``step``."""
+        return bisect.bisect_right(self.starts, step)
+
+    def in_force(self, name: str, step: int) -> int | None:
+        """The column of ``name``'s segment in force at ``step`` (None: ``name`` is fixed)."""
+        if name not in self.schedule.learned:
+            return None
+        return self._index[name, self.schedule.segment_at(name, step)]
+
+    def grads(self, per_column: Tensor) -> dict[str, Tensor]:
         """Per-column values as ``{type: float64 CPU [n_segments]}`` (zeros for fixed types)."""
         out = {
-            name: torch.zeros(schedule.specs[name].n_segments, dtype=torch.float64)
-            for name in schedule.values
+            name: torch.zeros(self.schedule.specs[name].n_segments, dtype=torch.float64)
+            for name in self.schedule.values
         }
         values = per_column.to(device="cpu", dtype=torch.float64)
         for i, (name, k) in enumerate(self.keys):
@@ -159,9 +156,7 @@ class ForwardMode:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
         table = schedule.table(dev, dt)
-        cols = Columns.of(schedule)
-        # Python numbers for the tangent updates: in-place ops with scalar alphas, no temporaries
-        lrs, mus, wds = (table[n].tolist() for n in ("lr", "momentum", "weight_decay"))
+        cols = Columns(schedule)
 
         state = flat.init_state()
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
@@ -172,7 +167,7 @@ class ForwardMode:
         hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
-            a = cols.n_active[t]
+            a = cols.n_active(t)
             if a == 0:
                 g = flat.grad(t, st, batch)
                 hz[:] = []
@@ -184,22 +179,24 @@ class ForwardMode:
             return g
 
         def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
-            a = cols.n_active[t]
+            a = cols.n_active(t)
             if a == 0:
                 return
+            # in place, no temporaries, and no device sync: the values stay 0-d tensors
+            lr, mu, wd = table["lr"][t], table["momentum"][t], table["weight_decay"][t]
             Ya, Za = Y[:a], Z[:a]
-            Ya.mul_(mus[t]).add_(hz[0]).add_(Za, alpha=wds[t])
-            if "momentum" in cols.in_force:
-                Y[cols.in_force["momentum"][t]].add_(old.velocity)
-            if "weight_decay" in cols.in_force:
-                Y[cols.in_force["weight_decay"][t]].add_(old.theta)
-            Za.add_(Ya, alpha=-lrs[t])
-            if "lr" in cols.in_force:
-                Z[cols.in_force["lr"][t]].sub_(new.velocity)
+            Ya.mul_(mu).add_(hz[0]).addcmul_(Za, wd)
+            if (i := cols.in_force("momentum", t)) is not None:
+                Y[i].add_(old.velocity)
+            if (i := cols.in_force("weight_decay", t)) is not None:
+                Y[i].add_(old.theta)
+            Za.addcmul_(Ya, lr, value=-1)
+            if (i := cols.in_force("lr", t)) is not None:
+                Z[i].sub_(new.velocity)
 
         state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
-        grads = cols.grads(schedule, Z @ g_val)
+        grads = cols.grads(Z @ g_val)
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
         metrics["hvp"], metrics["hvp_chunk_size"] = self._setting(key)
         return meta_loss, grads, metrics
