@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             t["forward_memory_flat"] = {
                 "horizons": [lo, hi],
                 "ratio": ratios,
-                "met": all(abs(v - 1) <= FLAT_TOLERANCE for v in ratios.values()),
+                "met": {r: abs(v - 1) <= FLAT_TOLERANCE for r, v in ratios.items()},
             }
         exact = _memory(task, "exact_reverse")
         if len(exact) >= 2:
@@ -152,9 +154,11 @@ def markdown(results: dict[str, Any]) -> str:
         for method, cells in task["cells"].items():
             for h, c in cells.items():
                 tm, mem = c.get("time", {}), c.get("memory", {})
+                both = "skipped" in tm and tm["skipped"] == mem.get("skipped")
                 notes = [
-                    f"time skipped: {tm['skipped']}" if "skipped" in tm else "",
-                    f"memory skipped: {mem['skipped']}" if "skipped" in mem else "",
+                    f"skipped: {tm['skipped']}" if both else "",
+                    f"time skipped: {tm['skipped']}" if "skipped" in tm and not both else "",
+                    f"memory skipped: {mem['skipped']}" if "skipped" in mem and not both else "",
                     f"memory failed: {mem['error']}" if "error" in mem else "",
                     f"torch: {mem['torch_skipped']}" if "torch_skipped" in mem else "",
                 ]
@@ -203,8 +207,10 @@ def targets_markdown(results: dict[str, Any]) -> list[str]:
         flat = t.get("forward_memory_flat")
         flat_s = (
             f"T={flat['horizons'][0]}->{flat['horizons'][1]}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in flat["ratio"].items())
-            + (" (met)" if flat["met"] else " (missed)")
+            + ", ".join(
+                f"{k} {v:.3f} ({'met' if flat['met'][k] else 'missed'})"
+                for k, v in flat["ratio"].items()
+            )
             if flat
             else "-"
         )
@@ -284,10 +290,28 @@ def plots(results: dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` without the raw step durations and hypergradients: small enough to commit.
+
+    Each task gets its ``step_table`` (medians by active columns) instead.
+    """
+    out = copy.deepcopy(results)
+    for name, task in out["tasks"].items():
+        task["steps_by_columns"] = step_table(results["tasks"][name])
+        for cells in task["cells"].values():
+            for cell in cells.values():
+                cell.pop("steps_by_columns", None)
+                cell.pop("grads", None)
+    return out
+
+
 def write(results: dict[str, Any], out: Path) -> None:
-    """``benchmarks.md`` and the two plots into ``out``."""
+    """``benchmarks.md``, ``summary.json`` and the two plots into ``out``.
+
+    ``results["targets"]`` is refreshed on the way.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    if "targets" not in results:
-        results["targets"] = targets(results)
+    results["targets"] = targets(results)  # derived: always from the figures at hand
     (out / "benchmarks.md").write_text(markdown(results))
+    (out / "summary.json").write_text(json.dumps(summary(results), indent=1) + "\n")
     plots(results, out)

@@ -78,6 +78,8 @@ def test_quick_run_writes_json_tables_and_plots(tmp_path: Path) -> None:
     md = (out / "benchmarks.md").read_text()
     assert "### Targets" in md and "| forward |" in md
     assert (out / "memory.png").stat().st_size > 0 and (out / "time.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(task["steps_by_columns"] for task in summary["tasks"].values())
 
 
 @pytest.mark.parametrize(
