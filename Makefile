@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-vision clean
+.PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check metahpo estimators tasks tests benchmarks
 	$(VENV)/bin/ruff format --check metahpo estimators tasks tests benchmarks
 
+# The whole benchmark (about half an hour on 2 cores); results, tables and plots into
+# docs/benchmarks/. ARGS="--quick --out /tmp/b" for the smoke size, --help for the options.
 bench: $(STAMP)
-	$(PY) benchmarks/hvp.py
-
-bench-vision: $(STAMP)
-	$(PY) benchmarks/vision_step.py
+	$(PY) -m benchmarks --out docs/benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun wandb
+	rm -rf $(VENV) outputs multirun wandb benchmark-results

@@ -71,7 +71,7 @@ class ExactReverse:
     Memory: grows linearly with the horizon T: the tape keeps, for every step, the fast weights,
     the velocity and the activations of the training loss and of its double backward, i.e.
     O(T (P + activations)) for P parameters. This is what limits it to short horizons
-    (docs/benchmarks-reverse.md measures it).
+    (docs/benchmarks.md measures it).
     Compute: one training gradient with ``create_graph`` per step forward, then one backward
     through the whole tape (roughly a Hessian-vector product per step): about ``4 T`` gradient
     evaluations, independent of the number of shared values.

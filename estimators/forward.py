@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from typing import Any, Literal
 
@@ -25,6 +26,55 @@ warnings.filterwarnings(
 )
 
 
+class Columns:
+    """The tangent columns of a schedule: one per learned shared value.
+
+    Columns are ordered by the step their segment starts, so the columns started by step ``t``
+    are the prefix ``[:n_active(t)]`` (a column is exactly zero before its segment starts).
+    Everything here is O(C) for C columns, nothing O(T): forward mode's memory must not grow
+    with the horizon.
+
+    Attributes:
+        keys: ``(type, segment)`` of every column.
+        starts: the step each column's segment starts (ascending).
+    """
+
+    def __init__(self, schedule: HyperSchedule) -> None:
+        cols = sorted(
+            (s, name, k)
+            for name in schedule.learned
+            for k, s in enumerate(schedule.segment_starts(name))
+        )
+        self.schedule = schedule
+        self.keys = [(name, k) for _, name, k in cols]
+        self.starts = [s for s, _, _ in cols]
+        self._index = {key: i for i, key in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def n_active(self, step: int) -> int:
+        """How many columns have started by ``step``."""
+        return bisect.bisect_right(self.starts, step)
+
+    def in_force(self, name: str, step: int) -> int | None:
+        """The column of ``name``'s segment in force at ``step`` (None: ``name`` is fixed)."""
+        if name not in self.schedule.learned:
+            return None
+        return self._index[name, self.schedule.segment_at(name, step)]
+
+    def grads(self, per_column: Tensor) -> dict[str, Tensor]:
+        """Per-column values as ``{type: float64 CPU [n_segments]}`` (zeros for fixed types)."""
+        out = {
+            name: torch.zeros(self.schedule.specs[name].n_segments, dtype=torch.float64)
+            for name in self.schedule.values
+        }
+        values = per_column.to(device="cpu", dtype=torch.float64)
+        for i, (name, k) in enumerate(self.keys):
+            out[name][k] = values[i]
+        return out
+
+
 class ForwardMode:
     """Exact d L_val(theta_T) / d h for every shared value h, by forward-mode differentiation.
 
@@ -36,7 +86,9 @@ class ForwardMode:
 
     and returns ``grad L_val(theta_T) . Z_T``. Columns are ordered by the step their segment
     starts and a column is exactly zero before then, so step t only updates the prefix of
-    columns that have started.
+    columns that have started (:class:`Columns`). ``Z`` and ``Y`` are two contiguous ``[C, P]``
+    buffers updated in place; the training gradient of a step comes out of the same call as its
+    Hessian-vector products.
 
     Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
     reproduce the clamps of the paper's code and make the result inexact.
@@ -51,14 +103,17 @@ class ForwardMode:
 
     Args:
         hvp: how Hessian-vector products are computed. ``"rev_rev"`` (default): double backward
-            with batched grad outputs; ``"fwd_rev"``: ``torch.func`` forward-over-reverse
-            (``jvp`` of ``grad``) vmapped over columns, which also returns the gradient;
-            ``"auto"``: time both on the first step that has started columns and keep the
-            faster for this task, device and dtype. Both are exact, but they round differently,
-            so ``auto`` can make float32 runs differ from machine to machine; the default is
-            fixed, and is the faster one on the default MLP and on WRN-16-1
-            (docs/benchmarks.md). ``metrics["hvp"]`` reports the one used.
-        chunk_size: columns per vectorised Hessian-vector product (None: all at once).
+            (the gradient with ``create_graph``, then vector-Jacobian products through it);
+            ``"fwd_rev"``: ``torch.func`` forward-over-reverse (``jvp`` of ``grad``), which also
+            returns the gradient; ``"auto"``: before the first step, time both, each vectorised
+            over the columns (``chunk_size``) and looped one column at a time, on all C columns,
+            and keep the fastest for this task, device and dtype (about 12 C extra
+            Hessian-vector products, once per estimator). All are exact, but they round
+            differently, so ``auto`` can make float32 runs differ from machine to machine; the
+            default is fixed (docs/benchmarks.md measures them per model).
+            ``metrics["hvp"]`` and ``metrics["hvp_chunk_size"]`` report the one used.
+        chunk_size: columns per vectorised Hessian-vector product (None: all at once; 1: a
+            plain loop over columns, without ``vmap``).
         clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
         clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
     """
@@ -86,7 +141,9 @@ class ForwardMode:
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad
         self.clamp_hvp = clamp_hvp
+        # auto's choice per (task, P, device, dtype): formulation, and its columns per call
         self._measured: dict[tuple[str, int, str, str], str] = {}
+        self._measured_chunk: dict[tuple[str, int, str, str], int | None] = {}
 
     @property
     def exact(self) -> bool:
@@ -100,29 +157,22 @@ class ForwardMode:
     # -- the method ----------------------------------------------------------------------------
     def _run(
         self, task: Task, schedule: HyperSchedule
-    ) -> tuple[float, dict[str, Tensor], dict[str, float]]:
+    ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
         table = schedule.table(dev, dt)
-
-        # One column per learned shared value, ordered by the step its segment starts.
-        cols = sorted(
-            (s, name, k)
-            for name in schedule.learned
-            for k, s in enumerate(schedule.segment_starts(name))
-        )
-        starts = torch.tensor([c[0] for c in cols], dtype=torch.long)
-        col_of = {(name, k): i for i, (_, name, k) in enumerate(cols)}
-        seg = {name: schedule.segment_index(name).tolist() for name in schedule.learned}
-        n_active = torch.searchsorted(starts, torch.arange(schedule.horizon), right=True).tolist()
+        cols = Columns(schedule)
 
         state = flat.init_state()
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
         Y = torch.zeros_like(Z)
+        key = _key(flat)
+        if self.hvp == "auto" and key not in self._measured and len(cols):
+            self._measured[key] = self._fastest(flat, state, task.batch(0), Z)
         hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
-            a = n_active[t]
+            a = cols.n_active(t)
             if a == 0:
                 g = flat.grad(t, st, batch)
                 hz[:] = []
@@ -134,100 +184,131 @@ class ForwardMode:
             return g
 
         def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
-            a = n_active[t]
+            a = cols.n_active(t)
             if a == 0:
                 return
+            # in place, no temporaries, and no device sync: the values stay 0-d tensors
             lr, mu, wd = table["lr"][t], table["momentum"][t], table["weight_decay"][t]
             Ya, Za = Y[:a], Z[:a]
-            Ya.mul_(mu).add_(hz[0]).add_(wd * Za)
-            if "momentum" in seg:
-                Y[col_of["momentum", seg["momentum"][t]]].add_(old.velocity)
-            if "weight_decay" in seg:
-                Y[col_of["weight_decay", seg["weight_decay"][t]]].add_(old.theta)
-            Za.sub_(lr * Ya)
-            if "lr" in seg:
-                Z[col_of["lr", seg["lr"][t]]].sub_(new.velocity)
+            Ya.mul_(mu).add_(hz[0]).addcmul_(Za, wd)
+            if (i := cols.in_force("momentum", t)) is not None:
+                Y[i].add_(old.velocity)
+            if (i := cols.in_force("weight_decay", t)) is not None:
+                Y[i].add_(old.theta)
+            Za.addcmul_(Ya, lr, value=-1)
+            if (i := cols.in_force("lr", t)) is not None:
+                Z[i].sub_(new.velocity)
 
         state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
-        total = (Z @ g_val).to(device="cpu", dtype=torch.float64)
-        grads = {
-            name: torch.zeros(schedule.specs[name].n_segments, dtype=torch.float64)
-            for name in schedule.values
-        }
-        for i, (_, name, k) in enumerate(cols):
-            grads[name][k] = total[i]
+        grads = cols.grads(Z @ g_val)
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
-        metrics["hvp"] = self.hvp if self.hvp != "auto" else self._measured.get(_key(flat))
+        metrics["hvp"], metrics["hvp_chunk_size"] = self._setting(key)
         return meta_loss, grads, metrics
+
+    def _setting(self, key: tuple[str, int, str, str]) -> tuple[str | None, int | None]:
+        """The formulation and columns per call in use for ``key``."""
+        if self.hvp != "auto":
+            return self.hvp, self.chunk_size
+        return self._measured.get(key), self._measured_chunk.get(key, self.chunk_size)
 
     def _grad_and_hvp(
         self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Training gradient at ``st.theta`` and ``H Z^T`` for the rows of ``Z``."""
-        mode = self.hvp
-        if mode == "auto":
-            key = _key(flat)
-            if key not in self._measured:
-                self._measured[key] = self._fastest(flat, st, batch, Z)
-            mode = self._measured[key]
-        g, hz = self._hvp(mode, flat, st, batch, Z)
+        mode, chunk = self._setting(_key(flat))
+        g, hz = grad_and_hvp(mode or "rev_rev", flat, st, batch, Z, chunk)
         g, hz = distributed.all_reduce_mean_(g), distributed.all_reduce_mean_(hz)
         if self.clamp_hvp is not None:
             hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
         return g, hz
 
     def _fastest(self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor) -> str:
-        """Time each formulation (one warm-up, then the best of two, interleaved)."""
-        times: dict[str, float] = {mode: float("inf") for mode in HVP_FORMULATIONS}
-        for repeat in range(3):
-            for mode in HVP_FORMULATIONS:
-                with CostMeter(flat.task.device, sample_memory=False) as cost:
-                    self._hvp(mode, flat, st, batch, Z)
-                if repeat:
-                    times[mode] = min(times[mode], cost.seconds)
-        # Every rank must pick the same formulation: they round differently.
-        seconds = torch.tensor([times[m] for m in HVP_FORMULATIONS], device=flat.task.device)
-        mean = distributed.all_reduce_mean_(seconds)
-        return HVP_FORMULATIONS[int(mean.argmin())]
+        """The fastest formulation on the rows of ``Z`` (records its columns per call too).
 
-    def _hvp(
-        self, mode: str, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        def loss(theta: Tensor) -> Tensor:
-            return flat.train_loss(theta, st.buffers, batch)
+        Times every formulation vectorised (``chunk_size``) and looped (one column per call):
+        one warm-up each, then the best of two, interleaved.
+        """
+        chunks = [self.chunk_size] if self.chunk_size == 1 else [self.chunk_size, 1]
+        candidates = [(mode, chunk) for mode in HVP_FORMULATIONS for chunk in chunks]
+        times = time_hvp(flat, st, batch, Z, candidates, repeats=3)
+        # Every rank must pick the same candidate (they round differently): mean over ranks.
+        best = torch.tensor([min(times[c][1:]) for c in candidates], device=flat.task.device)
+        mode, chunk = candidates[int(distributed.all_reduce_mean_(best).argmin())]
+        self._measured_chunk[_key(flat)] = chunk
+        return mode
 
-        if mode == "fwd_rev":
-            gradf = grad(loss)
 
-            def column(z: Tensor) -> tuple[Tensor, Tensor]:
-                return jvp(gradf, (st.theta,), (z,))
+def grad_and_hvp(
+    mode: str, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Training gradient at ``st.theta`` and ``H Z^T`` (``[len(Z), P]``) by one formulation.
 
-            batched = vmap(column, out_dims=(None, 0))
-            chunk = self.chunk_size or len(Z)
-            g, hz = batched(Z[:chunk])
-            if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
-                rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]
-                hz = torch.cat([hz, *rest])
-            return g, hz
-        theta = st.theta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
-            hz = _batched_vjp(g, theta, Z, self.chunk_size)
-        return g.detach(), hz
+    Args:
+        mode: ``"fwd_rev"`` (``vmap`` over columns of ``jvp(grad(loss))``) or ``"rev_rev"``
+            (gradient with ``create_graph``, then batched vector-Jacobian products through it).
+        chunk: columns per vectorised call (None: all; 1: a plain loop without ``vmap``).
+
+    Cost: one gradient plus ``len(Z)`` Hessian-vector products (about two gradients each).
+    """
+
+    def loss(theta: Tensor) -> Tensor:
+        return flat.train_loss(theta, st.buffers, batch)
+
+    chunk = chunk or len(Z)
+    if mode == "fwd_rev":
+        gradf = grad(loss)
+        if chunk == 1:  # one jvp per column; the gradient comes with the first
+            pairs = [jvp(gradf, (st.theta,), (z,)) for z in Z]
+            return pairs[0][0], torch.stack([h for _, h in pairs])
+        batched = vmap(lambda z: jvp(gradf, (st.theta,), (z,)), out_dims=(None, 0))
+        g, hz = batched(Z[:chunk])
+        if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
+            rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]
+            hz = torch.cat([hz, *rest])
+        return g, hz
+    theta = st.theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+        parts = []
+        for i in range(0, len(Z), chunk):
+            last = i + chunk >= len(Z)
+            if chunk == 1:
+                (p,) = torch.autograd.grad(g, theta, Z[i], retain_graph=not last)
+                p = p.unsqueeze(0)
+            else:
+                (p,) = torch.autograd.grad(
+                    g, theta, Z[i : i + chunk], retain_graph=not last, is_grads_batched=True
+                )
+            parts.append(p)
+    return g.detach(), parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+Candidate = tuple[str, int | None]
+
+
+def time_hvp(
+    flat: FlatTask,
+    st: InnerState,
+    batch: Batch,
+    Z: Tensor,
+    candidates: list[Candidate],
+    repeats: int,
+) -> dict[Candidate, list[float]]:
+    """Seconds of :func:`grad_and_hvp` on ``Z`` per ``(mode, chunk)``, interleaved over repeats.
+
+    The first repeat is a warm-up; callers usually drop it. Cost: ``repeats`` calls per
+    candidate.
+    """
+    times: dict[Candidate, list[float]] = {c: [] for c in candidates}
+    for _ in range(repeats):
+        for mode, chunk in candidates:
+            with CostMeter(flat.task.device, sample_memory=False) as cost:
+                grad_and_hvp(mode, flat, st, batch, Z, chunk)
+            times[mode, chunk].append(cost.seconds)
+    return times
 
 
 def _key(flat: FlatTask) -> tuple[str, int, str, str]:
     task = flat.task
     return (task.name, flat.n_params, str(task.device), str(task.dtype))
-
-
-def _batched_vjp(out: Tensor, inp: Tensor, vs: Tensor, chunk: int | None) -> Tensor:
-    chunk = chunk or len(vs)
-    parts = []
-    for i in range(0, len(vs), chunk):
-        (p,) = torch.autograd.grad(
-            out, inp, vs[i : i + chunk], retain_graph=True, is_grads_batched=True
-        )
-        parts.append(p)
-    return torch.cat(parts)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import ctypes.util
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 import torch
@@ -78,23 +80,48 @@ def host_bytes_in_use() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_SAMPLE_HOST_MEMORY = contextvars.ContextVar("sample_host_memory", default=True)
+
+
+@contextmanager
+def host_memory_sampling(enabled: bool) -> Iterator[None]:
+    """Within the block, :class:`CostMeter` samples CPU memory only if ``enabled``.
+
+    For timing: each sample calls mallinfo2, which holds the C allocator's lock while it walks
+    the heap, and that slows small models measurably (docs/benchmarks.md). The benchmark times
+    with sampling off and meters memory in runs of its own.
+    """
+    token = _SAMPLE_HOST_MEMORY.set(enabled)
+    try:
+        yield
+    finally:
+        _SAMPLE_HOST_MEMORY.reset(token)
+
+
 class CostMeter:
     """Wall time and peak memory of a block of code: ``with CostMeter(device) as cost: ...``.
 
     ``cost.seconds``: wall time, with queued CUDA kernels waited for at both ends.
     ``cost.peak``: peak memory above the level at the start, in bytes (0 on CPU with
-    ``sample_memory=False``, which skips the sampling thread for short timings). CUDA: the caching
-    allocator's peak. CPU: :func:`host_bytes_in_use`, sampled every millisecond by a background
-    thread (PyTorch keeps no CPU peak counter); allocations that live shorter than a millisecond
-    can be missed, so CPU figures are a close lower bound.
+    ``sample_memory=False`` or inside ``host_memory_sampling(False)``, which skip the sampling
+    thread for timings). CUDA: the caching allocator's peak. CPU: :func:`host_bytes_in_use`,
+    sampled every millisecond by a background thread (PyTorch keeps no CPU peak counter);
+    allocations that live shorter than a millisecond can be missed, so CPU figures are a close
+    lower bound. A sample holds the C allocator's lock while it walks the heap, which takes
+    longer the more chunks the heap has (5-9 ms for exact reverse's tape at T=3200 on digits,
+    which a 1 ms interval slowed 40-fold): the sampler then waits ``MAX_DUTY`` times as long as
+    the sample took, so it holds the lock at most ``1 / MAX_DUTY`` of the time, and the peak
+    of a fast-growing heap can be missed by what it grows in one such wait.
     """
+
+    MAX_DUTY = 20
 
     def __init__(
         self, device: torch.device, interval: float = 1e-3, sample_memory: bool = True
     ) -> None:
         self.device = device
         self.interval = interval
-        self.sample_memory = sample_memory
+        self.sample_memory = sample_memory and _SAMPLE_HOST_MEMORY.get()
         self.peak = 0
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -114,8 +141,10 @@ class CostMeter:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            start = time.perf_counter()
             self._max = max(self._max, host_bytes_in_use())
-            time.sleep(self.interval)
+            took = time.perf_counter() - start
+            self._stop.wait(max(self.interval, self.MAX_DUTY * took))
 
     def __exit__(
         self,

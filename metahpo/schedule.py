@@ -60,6 +60,10 @@ class HyperSchedule:
         n = self.specs[name].n_segments
         return torch.arange(self.horizon, dtype=torch.long) * n // self.horizon
 
+    def segment_at(self, name: str, step: int) -> int:
+        """The segment in force at ``step`` (one entry of :meth:`segment_index`, no tensor)."""
+        return step * self.specs[name].n_segments // self.horizon
+
     def segment_starts(self, name: str) -> list[int]:
         """First step of every segment (``ceil(k T / n)``)."""
         n = self.specs[name].n_segments

@@ -1,0 +1,99 @@
+"""The benchmark cannot rot: its entry point at the smoke size, and its naive baseline is exact.
+
+No timing is asserted; the numbers only have to exist, be finite and be positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.naive import NaiveForward
+from estimators.forward import ForwardMode
+from tests.conftest import SHARING, assert_grads_close, make_schedule, small_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sharing", SHARING)
+@pytest.mark.parametrize("learn", [("lr", "momentum", "weight_decay"), ("momentum",)])
+def test_naive_baseline_computes_forward_modes_hypergradient(
+    sharing: str, learn: tuple[str, ...]
+) -> None:
+    task = small_digits()  # float64
+    schedule = make_schedule(9, SHARING[sharing], learn=learn)
+    naive = NaiveForward().hypergradient(task, schedule)
+    forward = ForwardMode().hypergradient(task, schedule)
+    assert naive.meta_loss == forward.meta_loss
+    assert_grads_close(naive.grads, forward.grads, rtol=1e-12)
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_writes_json_tables_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--repeats", "2", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "benchmarks.json").read_text())
+    assert {"meta", "tasks", "targets"} <= set(results)
+    assert set(results["tasks"]) == {"digits", "lenet", "wrn"}
+    for name, task in results["tasks"].items():
+        lb = task["lower_bound"]
+        assert _positive(lb["grad_seconds"]) and _positive(lb["hvp_seconds"]), name
+        assert task["forward_setting"]["hvp"] in ("fwd_rev", "rev_rev")
+        assert all(_positive(s) for s in task["formulations"]["seconds"].values())
+        methods = {"plain", "forward", "naive", "exact_reverse", "truncated_reverse", "greedy"}
+        assert set(task["cells"]) == methods
+        for method, cells in task["cells"].items():
+            assert [int(h) for h in cells] == task["horizons"]
+            for cell in cells.values():
+                t, mem = cell["time"], cell["memory"]
+                assert len(t["seconds"]) == 2 and all(_positive(s) for s in t["seconds"])
+                assert _positive(t["median"]) and _positive(t["per_step"])
+                assert _positive(t["over_plain"]) and _positive(t["over_lower_bound"])
+                assert "error" not in mem, (name, method, mem)
+                assert _positive(mem["seconds"]) and mem["malloc"] >= 0
+                assert mem["rss"] is None or mem["rss"] >= 0
+                assert mem.get("torch") is None or mem["torch"] >= 0
+        # the estimators that claim the exact hypergradient agree with forward mode here too
+        for h, cell in task["cells"]["naive"].items():
+            want = task["cells"]["forward"][h]["grads"]
+            for k, v in cell["grads"].items():
+                scale = max(abs(x) for x in want[k]) or 1.0
+                assert max(abs(a - b) for a, b in zip(v, want[k], strict=True)) <= 1e-3 * scale
+    md = (out / "benchmarks.md").read_text()
+    assert "### Targets" in md and "| forward |" in md
+    assert (out / "memory.png").stat().st_size > 0 and (out / "time.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(task["steps_by_columns"] for task in summary["tasks"].values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "mnist"], "--tasks: 'mnist' is unknown; allowed: digits, lenet, wrn"),
+        (["--methods", "sgd"], "--methods: 'sgd' is unknown; allowed: plain, forward, naive"),
+        (["--repeats", "0"], "argument --repeats: '0' is not a positive integer"),
+        (["--device", "tpu"], "--device='tpu' is unknown; allowed: auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_bad_options_fail_in_one_line(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("benchmarks: error: ") and message in err and "\n" not in err, err
