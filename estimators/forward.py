@@ -168,7 +168,7 @@ class ForwardMode:
         Y = torch.zeros_like(Z)
         key = _key(flat)
         if self.hvp == "auto" and key not in self._measured and len(cols):
-            self._measured[key] = self._fastest(flat, state, task.batch(0), Z)
+            self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
         hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
