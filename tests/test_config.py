@@ -97,3 +97,13 @@ def test_cli_reports_bad_input_in_one_line(args: list[str], message: str, tmp_pa
     assert lines and lines[0].startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_claim_from_zero_is_claim_greedy_s_forward_arm() -> None:
+    # docs/results.md reuses claim 2's forward runs for claim 3
+    from omegaconf import OmegaConf
+
+    a = metahpo.compose(["experiment=claim_from_zero"])
+    b = metahpo.compose(["experiment=claim_greedy", "estimator=forward"])
+    assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
+    assert all(a.schedule[n].init == 0.0 and a.schedule[n].learn for n in metahpo.HYPERPARAMETERS)
