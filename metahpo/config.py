@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here before any training starts, and 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -202,6 +203,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
 
 
+@functools.cache
 def _known_keys() -> dict[str, set[str]]:
     """Keys metahpo itself reads, by node; read off the shipped files, so they never drift."""
     root = config_dir()

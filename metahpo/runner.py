@@ -161,7 +161,6 @@ class _OuterLoop:
     def _checkpoint(self) -> None:
         if self.out_dir is None:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "checkpoint.pt"
         tmp = path.with_suffix(".tmp")
         anchor = None
@@ -286,10 +285,10 @@ class _OuterLoop:
             # Nothing to shorten: the starting schedule (or an online estimator's last one)
             # diverges, and the same run again would diverge the same way.
             self.done = "diverged"
+            origin = "the run started from" if not self.k else "it reached"
             self.message = (
-                f"{reason}, with the schedule {'the run started from' if not self.k else 'it'}"
-                f" {'' if not self.k else 'reached '}({self.schedule}); lower schedule.*.init"
-                " or the schedule's upper bounds"
+                f"{reason}, with the schedule {origin} ({self.schedule}); lower "
+                "schedule.*.init or the schedule's upper bounds"
             )
             return
         schedule, state, grads = self.anchor

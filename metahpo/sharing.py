@@ -62,7 +62,7 @@ def sharing_statistics(g: Tensor, windows: Sequence[int] | None = None) -> dict[
     """Noise, drift and the error of block-shared estimates (module docstring) from ``g[S, T]``."""
     n_seeds, horizon = g.shape
     if n_seeds < 2:
-        raise ConfigError(f"--seeds={n_seeds}: the variance needs at least 2 batch orders")
+        raise ValueError(f"g has {n_seeds} row(s); the variance needs at least 2 batch orders")
     windows = list(windows or [w for w in range(1, horizon + 1) if horizon % w == 0])
     m = g.mean(0)
     sigma2 = float(g.var(0).mean())
