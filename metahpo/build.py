@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from metahpo import distributed
 from metahpo.core import ConfigError, HypergradientEstimator, Task
 from metahpo.device import resolve_device, resolve_dtype
-from metahpo.loggers import NullLogger
+from metahpo.loggers import LoggerGroup, NullLogger
 from metahpo.schedule import (
     HYPERPARAMETERS,
     HyperSchedule,
@@ -66,6 +66,18 @@ def baseline_from_config(cfg: DictConfig, horizon: int) -> HyperSchedule:
     return constant_schedule(horizon, **values)
 
 
+def _loggers(cfg: DictConfig) -> Any:
+    """The ``logger`` group: one logger per entry (``{wandb: {...}, csv: {...}}``), a
+    :class:`LoggerGroup` when several, :class:`NullLogger` when none; a node with its own
+    ``_target_`` is one logger (a user's file in the older, flat form)."""
+    if "_target_" in cfg:
+        return _instantiate(cfg, "logger")
+    made = [_instantiate(cfg[name], f"logger.{name}") for name in cfg]
+    if not made:
+        return NullLogger()
+    return made[0] if len(made) == 1 else LoggerGroup(made)
+
+
 @dataclass
 class Setup:
     task: Task
@@ -97,7 +109,7 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
     distributed.check(task, estimator, str(getattr(estimator, "name", cfg.estimator._target_)))
     optimizer = _instantiate(cfg.outer.optimizer, "outer.optimizer")
     # In a data-parallel run only rank 0 tracks the run.
-    logger = _instantiate(cfg.logger, "logger") if distributed.is_main() else NullLogger()
+    logger = _loggers(cfg.logger) if distributed.is_main() else NullLogger()
     return Setup(
         task=task,
         schedule=schedule,

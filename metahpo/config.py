@@ -60,6 +60,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if group not in GROUPS or o.is_delete() or o.package:
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        # several options at once (logger=[wandb,csv]): each must exist
+        values = [x for v in values for x in (v if isinstance(v, list) else [v])]
         allowed = options(group)
         for v in values:
             if v is None and group == "experiment":
@@ -192,15 +194,26 @@ def validate(cfg: DictConfig) -> None:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
+    cache = OmegaConf.select(cfg, "final.baseline_cache")
+    if cache is not None and (not isinstance(cache, str) or not cache):
+        raise ConfigError(
+            f"final.baseline_cache={cache!r} must be auto, a directory or null (no cache)"
+        )
     backend = OmegaConf.select(cfg, "distributed.backend")
     if backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"distributed.backend={backend!r} is unknown; allowed: auto, gloo, nccl")
     timeout = OmegaConf.select(cfg, "distributed.timeout")
     if not _is_number(timeout) or timeout <= 0:
         raise ConfigError(f"distributed.timeout={timeout!r} must be a positive number (seconds)")
-    for group in ("task", "estimator", "logger"):
+    for group in ("task", "estimator"):
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
+    if "_target_" not in cfg.logger:  # one entry per tracker: logger.wandb, logger.csv, ...
+        for name, node in cfg.logger.items():
+            if not isinstance(node, DictConfig) or "_target_" not in node:
+                raise ConfigError(
+                    f"logger.{name}._target_ is missing: each entry of logger names its class"
+                )
 
 
 @functools.cache

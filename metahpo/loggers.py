@@ -1,15 +1,21 @@
-"""Experiment trackers: a no-op one and Weights & Biases, which can never stop or lose a run.
+"""Experiment trackers: none, Weights & Biases, TensorBoard and CSV, alone or several at once
+(:class:`LoggerGroup`); none of them can stop or lose a run.
 
-Both have one interface, called by :func:`metahpo.run` and by ``metahpo-compare``:
+All have one interface, called by :func:`metahpo.run` and by ``metahpo-compare``:
 ``start(config, name, output_dir, tags)``, ``log(step, metrics)`` per outer step,
-``media(images, tables)``, and ``finish(results, files, failed)``, which always runs.
+``media(images, tables)``, and ``finish(results, files, failed)``, which always runs. At the
+finish each logs :func:`metahpo.results.summary` (the selected schedule, its scores and the
+final metrics) as its run summary and as one last history row, one step after the last outer
+step, so a tracker's "last value" of ``meta_loss`` or ``lr/3`` is the learned schedule's.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import netrc
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,8 +44,7 @@ def step_metrics(entry: dict[str, Any]) -> dict[str, Any]:
     for n, g in (entry.get("hypergradient") or {}).items():
         m[f"hypergrad_norm/{n}"] = math.sqrt(sum(x * x for x in g))
         m.update({f"hypergrad/{n}/{i}": x for i, x in enumerate(g)})
-    for n, vals in entry["schedule"].items():
-        m.update({f"{n}/{i}": v for i, v in enumerate(vals)})
+    m.update(results_lib.schedule_scalars(entry["schedule"]))
     return m
 
 
@@ -164,6 +169,7 @@ class WandbLogger:
         self.run: Any = None
         self.broken = False
         self.where = "the run directory"
+        self.last_step = -1  # the largest step logged; the final row goes one after it
 
     def start(
         self,
@@ -185,7 +191,7 @@ class WandbLogger:
             group: the group when neither ``group`` nor ``WANDB_RUN_GROUP`` names one;
                 ``None``: in a Hydra multirun, its sweep directory's name.
         """
-        self.broken, self.run = False, None
+        self.broken, self.run, self.last_step = False, None, -1
         self.where = str(output_dir) if output_dir else "the dict metahpo.run returns"
         if group is None and (sweep_dir := _hydra_sweep_dir()) is not None:
             group = sweep_group(sweep_dir)
@@ -218,8 +224,23 @@ class WandbLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Log one outer step's scalars at W&B step ``step``."""
+        self.last_step = max(self.last_step, step)
         if self.run is not None:
             self._call("log", self.run.log, metrics, step=step)
+
+    def _media_data(
+        self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None
+    ) -> dict[str, Any]:
+        import wandb
+
+        data: dict[str, Any] = {
+            f"plots/{p.stem}": wandb.Image(str(p))
+            for p in images
+            if p.suffix == ".png" and p.is_file()
+        }
+        for key, (columns, rows) in (tables or {}).items():
+            data[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        return data
 
     def media(self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None) -> None:
         """Log PNGs as images (``plots/<file stem>``) and tables (``name: (columns, rows)``)."""
@@ -227,15 +248,7 @@ class WandbLogger:
             return
 
         def send() -> None:
-            import wandb
-
-            data: dict[str, Any] = {
-                f"plots/{p.stem}": wandb.Image(str(p))
-                for p in images
-                if p.suffix == ".png" and p.is_file()
-            }
-            for key, (columns, rows) in (tables or {}).items():
-                data[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            data = self._media_data(images, tables)
             if data:
                 self.run.log(data)
 
@@ -247,7 +260,9 @@ class WandbLogger:
         files: Sequence[Path] = (),
         failed: bool = False,
     ) -> None:
-        """Log the plots, the learned schedule and the summary; finish the W&B run.
+        """Log the final row (the selected schedule, its scores and the final metrics, with the
+        plots and the learned schedule's table) one step after the last outer step, set the
+        same numbers as the run summary, and finish the W&B run.
 
         Args:
             results: the run's results dict (empty or None when the run failed early).
@@ -256,14 +271,23 @@ class WandbLogger:
         """
         if self.run is None:
             return
+        tables = None
         if results and results.get("learned_schedule"):
             rows = self._call("table", results_lib.schedule_rows, results)
-            self.media(files, {"tables/learned_schedule": rows} if rows else None)
-        else:
-            self.media(files)
-        if results:
-            self._call("summary", lambda: self.run.summary.update(results_lib.summary(results)))
+            tables = {"tables/learned_schedule": rows} if rows else None
+        summary = results_lib.summary(results) if results else {}
+
+        def final_row() -> None:
+            data = {**summary, **self._media_data(files, tables)}
+            if data:
+                self.run.log(data, step=self.last_step + 1)
+
+        self._call("final row", final_row)
+        if summary:
+            # W&B's own summary keeps each key's last logged value; set it all explicitly
+            self._call("summary", lambda: self.run.summary.update(summary))
         run, self.run = self.run, None
+        self.last_step = -1
         if self.broken:  # release W&B's process; its failure was reported already
             try:
                 run.finish(exit_code=1)
@@ -287,6 +311,273 @@ class WandbLogger:
                 what,
                 type(e).__name__,
                 f": {cause[0]}" if cause else "",
+                self.where,
+            )
+            return None
+
+
+def _numbers_only(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries that are real numbers (TensorBoard scalars), as floats."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }
+
+
+def _log_dir(own: str | None, output_dir: Path | None, sub: str, name: str) -> Path:
+    """``own/name`` when a directory was configured, else ``output_dir/sub``, else
+    ``./sub/name``."""
+    if own:
+        return Path(own) / name
+    return output_dir / sub if output_dir is not None else Path(sub) / name
+
+
+class TensorBoardLogger:
+    """TensorBoard event files written by torch's ``SummaryWriter``: the config as text; per
+    outer step every scalar of :func:`step_metrics`; at the end the summary (the selected
+    schedule, its scores, the final metrics) as one last step of scalars and as
+    ``summary/<key>`` text, and the plots as images. A failure warns once, never raises.
+
+    Args:
+        dir: parent directory of the event files (a subdirectory per run name); ``None``:
+            ``<run dir>/tensorboard``.
+    """
+
+    def __init__(self, dir: str | None = None) -> None:
+        self.dir = dir
+        self.writer: Any = None
+        self.last_step = -1
+        self.guard = _Guard("TensorBoard")
+
+    def start(
+        self,
+        config: dict[str, Any],
+        name: str,
+        output_dir: Path | None,
+        tags: Sequence[str] = (),
+        job_type: str = "train",
+        group: str | None = None,
+    ) -> None:
+        self.last_step, self.writer = -1, None
+        self.guard.reset(output_dir)
+
+        def open_writer() -> Any:
+            import yaml
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(_log_dir(self.dir, output_dir, "tensorboard", name)))
+            text = yaml.safe_dump(config, sort_keys=False)
+            writer.add_text("config", "```\n" + text + "```")
+            if tags:
+                writer.add_text("tags", ", ".join(tags))
+            return writer
+
+        self.writer = self.guard.call("start", open_writer)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.last_step = max(self.last_step, step)
+        if self.writer is not None:
+            self.guard.call("log", self._scalars, step, metrics)
+
+    def _scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for key, value in _numbers_only(metrics).items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def media(self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None) -> None:
+        """PNGs as images (``plots/<file stem>``), tables as markdown text."""
+        if self.writer is None:
+            return
+
+        def send() -> None:
+            import matplotlib.image
+
+            step = self.last_step + 1
+            for p in images:
+                if p.suffix == ".png" and p.is_file():
+                    image = matplotlib.image.imread(str(p))[..., :3]
+                    self.writer.add_image(f"plots/{p.stem}", image, step, dataformats="HWC")
+            for key, (columns, rows) in (tables or {}).items():
+                lines = ["| " + " | ".join(map(str, columns)) + " |", "|---" * len(columns) + "|"]
+                lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+                self.writer.add_text(key, "\n".join(lines), step)
+
+        self.guard.call("media", send)
+
+    def finish(
+        self,
+        results: dict[str, Any] | None = None,
+        files: Sequence[Path] = (),
+        failed: bool = False,
+    ) -> None:
+        if self.writer is None:
+            return
+        summary = results_lib.summary(results) if results else {}
+        if summary:
+            step = self.last_step + 1
+            self.guard.call("final row", self._scalars, step, summary)
+            text = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+            self.guard.call(
+                "summary",
+                self.writer.add_text,
+                "summary",
+                "| key | value |\n|---|---|\n" + text,
+                step,
+            )
+        self.media(files)
+        writer, self.writer = self.writer, None
+        self.guard.call("finish", writer.close)
+
+
+class CSVLogger:
+    """Plain CSV files written with the csv module: ``metrics.csv``, one row per outer step
+    (column ``step``, then every key logged so far; the file is rewritten when a new key
+    appears), ending with the final row (the summary, one step after the last outer step);
+    ``summary.csv`` (``key,value``: :func:`metahpo.results.summary`). A failure warns once.
+
+    Args:
+        dir: parent directory (a subdirectory per run name); ``None``: ``<run dir>/csv``.
+    """
+
+    def __init__(self, dir: str | None = None) -> None:
+        self.dir = dir
+        self.path: Path | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = ["step"]
+        self.last_step = -1
+        self.guard = _Guard("CSV")
+
+    def start(
+        self,
+        config: dict[str, Any],
+        name: str,
+        output_dir: Path | None,
+        tags: Sequence[str] = (),
+        job_type: str = "train",
+        group: str | None = None,
+    ) -> None:
+        self.rows, self.columns, self.last_step = [], ["step"], -1
+        self.guard.reset(output_dir)
+
+        def make() -> Path:
+            path = _log_dir(self.dir, output_dir, "csv", name)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+
+        self.path = self.guard.call("start", make)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.last_step = max(self.last_step, step)
+        if self.path is not None:
+            self.guard.call("log", self._append, step, metrics)
+
+    def _append(self, step: int, metrics: Mapping[str, Any]) -> None:
+        assert self.path is not None
+        row = {"step": step, **metrics}
+        new = [k for k in row if k not in self.columns]
+        self.rows.append(row)
+        self.columns += new
+        file = self.path / "metrics.csv"
+        with file.open("w" if new or len(self.rows) == 1 else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+            if new or len(self.rows) == 1:  # a new column: the whole file again
+                writer.writeheader()
+                writer.writerows(self.rows)
+            else:
+                writer.writerow(row)
+
+    def media(self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None) -> None:
+        """Tables as ``<name>.csv`` (``/`` in names becomes ``_``); images stay where they are."""
+        if self.path is None:
+            return
+
+        def send() -> None:
+            assert self.path is not None
+            for key, (columns, rows) in (tables or {}).items():
+                with (self.path / f"{key.replace('/', '_')}.csv").open("w", newline="") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(columns)
+                    writer.writerows(rows)
+
+        self.guard.call("media", send)
+
+    def finish(
+        self,
+        results: dict[str, Any] | None = None,
+        files: Sequence[Path] = (),
+        failed: bool = False,
+    ) -> None:
+        if self.path is None:
+            return
+        summary = results_lib.summary(results) if results else {}
+        if summary:
+            self.guard.call("final row", self._append, self.last_step + 1, summary)
+
+            def write_summary() -> None:
+                assert self.path is not None
+                with (self.path / "summary.csv").open("w", newline="") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(["key", "value"])
+                    writer.writerows(summary.items())
+
+            self.guard.call("summary", write_summary)
+        self.path = None
+
+
+class LoggerGroup:
+    """Several loggers at once (``logger=[wandb,tensorboard,csv]``): every call goes to each."""
+
+    def __init__(self, loggers: Sequence[Any]) -> None:
+        self.loggers = list(loggers)
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        for logger in self.loggers:
+            logger.start(*args, **kwargs)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log(step, metrics)
+
+    def media(self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None) -> None:
+        for logger in self.loggers:
+            logger.media(images, tables)
+
+    def finish(
+        self,
+        results: dict[str, Any] | None = None,
+        files: Sequence[Path] = (),
+        failed: bool = False,
+    ) -> None:
+        for logger in self.loggers:
+            logger.finish(results, files, failed)
+
+
+class _Guard:
+    """Calls into a tracker's library: the first failure warns once, later calls are skipped."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.broken, self.where = name, False, "the run directory"
+
+    def reset(self, output_dir: Path | None) -> None:
+        self.broken = False
+        self.where = str(output_dir) if output_dir else "the dict metahpo.run returns"
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self.broken = True
+            cause = str(e).strip().splitlines()
+            log.warning(
+                "%s %s failed (%s%s); %s logging is off for the rest of this run, "
+                "results stay in %s",
+                self.name,
+                what,
+                type(e).__name__,
+                f": {cause[0]}" if cause else "",
+                self.name,
                 self.where,
             )
             return None

@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 
 from metahpo.schedule import HyperSchedule
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions this module reads: 2 added rejected steps and runs stopped by divergence, whose
-# learned_schedule and final are null.
-READABLE = (1, 2)
+# learned_schedule and final are null; 3 added final.difference (paired learned - baseline),
+# sample standard deviations and the baseline cache.
+READABLE = (1, 2, 3)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -37,36 +38,63 @@ def load(path: Path) -> dict[str, Any]:
     return results
 
 
-def selected_meta_loss(results: dict[str, Any]) -> float | None:
-    """Meta-loss of the reported (learned) schedule: the plain-run score of the selected step;
-    None when the run learned none (every schedule diverged)."""
+def selected_entry(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The history entry of the reported (learned) schedule: the plain-run score of the
+    selected step; None when the run learned none (every schedule diverged)."""
     if results.get("learned_schedule") is None:
         return None
     for h in results.get("history", []):
         if h["outer_step"] == results.get("selected_outer_step") and not h.get("online"):
-            return h.get("meta_loss")
+            return h
     return None
 
 
-def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """A run's headline numbers, flat: final test metrics (learned and baseline), costs.
+def selected_meta_loss(results: dict[str, Any]) -> float | None:
+    """Meta-loss of the reported (learned) schedule (None when the run learned none)."""
+    entry = selected_entry(results)
+    return None if entry is None else entry.get("meta_loss")
 
-    Keys: ``learned/test_accuracy`` (and ``_std``), ``learned/test_loss`` (and ``_std``), the
-    same for ``baseline/``; ``selected/meta_loss``, ``outer_steps``, ``rejected_steps``,
+
+def schedule_scalars(values: dict[str, list[float]]) -> dict[str, float]:
+    """A schedule's values as flat scalars, ``<type>/<segment>`` (``lr/3``), for trackers."""
+    return {f"{n}/{i}": v for n, vals in values.items() for i, v in enumerate(vals)}
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's headline numbers, flat: the selected schedule and its scores, the final test
+    metrics (learned, baseline, and their paired difference), costs.
+
+    Keys (docs/tracking.md): ``meta_loss``, ``val_accuracy`` and ``<type>/<segment>`` of the
+    selected (learned) schedule, which replace the last outer step's values of the same names;
+    ``selected/outer_step``, ``selected/meta_loss``; ``learned/test_accuracy``,
+    ``learned/test_loss`` (each with ``_std``, the sample standard deviation over the final
+    seeds), the same for ``baseline/``; ``difference/test_accuracy`` and
+    ``difference/test_loss`` (learned - baseline, paired per final seed; ``_std``,
+    ``_ci95_low``, ``_ci95_high``); ``final_seeds``; ``outer_steps``, ``rejected_steps``,
     ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``.
     Missing values (an interrupted or diverged run has no final evaluation; regression has no
-    accuracy) are left out.
+    accuracy; one final seed has no spread) are left out.
     """
     if not results:
         return {}
     out: dict[str, Any] = {}
+    entry = selected_entry(results)
+    if entry is not None:
+        out["meta_loss"] = entry.get("meta_loss")
+        out["val_accuracy"] = entry.get("val_accuracy")
+        out.update(schedule_scalars(entry["schedule"]))
+        out["selected/outer_step"] = results.get("selected_outer_step")
     final = results.get("final") or {}
-    for label in ("learned", "baseline"):
+    for label in ("learned", "baseline", "difference"):
+        part = final.get(label) or {}
         for key in ("test_accuracy", "test_loss"):
             for suffix in ("", "_std"):
-                value = (final.get(label) or {}).get(key + suffix)
-                if value is not None:
-                    out[f"{label}/{key}{suffix}"] = value
+                out[f"{label}/{key}{suffix}"] = part.get(key + suffix)
+            ci = part.get(f"{key}_ci95")
+            if label == "difference" and ci is not None:
+                out[f"{label}/{key}_ci95_low"], out[f"{label}/{key}_ci95_high"] = ci
+    if final.get("learned"):
+        out["final_seeds"] = len(final["learned"].get("per_seed", []))
     out["selected/meta_loss"] = selected_meta_loss(results)
     for key in (
         "outer_steps",

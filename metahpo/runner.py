@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from metahpo.build import Setup, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
 from metahpo.device import rng_states, set_rng_states
+from metahpo.evaluation import final_evaluation
 from metahpo.inner import fit
 from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
@@ -381,42 +381,9 @@ def _check_finite(hg: Hypergradient) -> None:
         raise DivergenceError(f"inner training diverged: the {what} is not finite")
 
 
-def _final_evaluation(
-    cfg: DictConfig, setup: Setup, learned: HyperSchedule
-) -> dict[str, dict[str, Any]]:
-    """Retrain from scratch with each schedule for every final seed; test loss and accuracy."""
-    out: dict[str, dict[str, Any]] = {}
-    for label, schedule in (("learned", learned), ("baseline", setup.baseline)):
-        per_seed = []
-        for seed in cfg.final.seeds:
-            task = setup.task.with_seed(int(seed))
-            try:
-                flat, state = fit(task, schedule)
-            except DivergenceError:
-                per_seed.append({"seed": int(seed), "diverged": True})
-                continue
-            test, val = flat.evaluate(state, "test"), flat.evaluate(state, "val")
-            per_seed.append(
-                {
-                    "seed": int(seed),
-                    "test_loss": test["loss"],
-                    "test_accuracy": test["accuracy"],
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                }
-            )
-        out[label] = {**_aggregate(per_seed), "per_seed": per_seed}
-    return out
-
-
-def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in per_seed if not r.get("diverged")]
-    agg: dict[str, Any] = {"diverged_seeds": len(per_seed) - len(ok)}
-    for key in ("test_loss", "test_accuracy", "val_loss"):
-        vals = [r[key] for r in ok if r.get(key) is not None]
-        agg[key] = statistics.fmean(vals) if vals else None
-        agg[f"{key}_std"] = statistics.pstdev(vals) if len(vals) > 1 else (0.0 if vals else None)
-    return agg
+def _final_evaluation(cfg: DictConfig, setup: Setup, learned: HyperSchedule) -> dict[str, Any]:
+    """Retrain learned and baseline schedules per final seed (metahpo/evaluation.py)."""
+    return final_evaluation(cfg, setup.task, learned, setup.baseline)
 
 
 def _estimator_name(setup: Setup) -> str:
@@ -500,22 +467,48 @@ def _write(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The short learned-vs-baseline table printed at the end of a run."""
+    """The learned-vs-baseline table printed at the end of a run: mean ± sample standard
+    deviation over the final seeds, then the paired learned - baseline difference with its
+    95 % confidence interval over the same seeds."""
     final = results.get("final") or {}
-    rows = [f"{'schedule':<10} {'test acc':>14} {'test loss':>16}"]
-    for label in ("learned", "baseline"):
-        r = final.get(label, {})
-        acc = r.get("test_accuracy")
-        acc_s = (
-            f"{100 * acc:6.2f} ± {100 * r['test_accuracy_std']:.2f}" if acc is not None else "n/a"
-        )
-        loss = r.get("test_loss")
-        loss_s = f"{loss:.4f} ± {r['test_loss_std']:.4f}" if loss is not None else "diverged"
-        rows.append(f"{label:<10} {acc_s:>14} {loss_s:>16}")
     n = len((final.get("learned") or {}).get("per_seed", []))
+
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    def loss(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def cell(r: dict[str, Any], key: str, fmt: Any, signed: bool = False) -> str:
+        value, sd = r.get(key), r.get(f"{key}_std")
+        if value is None:
+            return "n/a" if r else "diverged"
+        text = fmt(value)
+        text = ("+" if signed and value >= 0 else "") + text
+        ci = r.get(f"{key}_ci95")
+        if ci is not None:
+            return f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
+        return text if sd is None or signed else f"{text} ± {fmt(sd)}"
+
+    rows = [f"{'schedule':<20} {'test acc (%)':>22} {'test loss':>26}"]
+    for label, title in (
+        ("learned", "learned"),
+        ("baseline", "baseline"),
+        ("difference", "learned - baseline"),
+    ):
+        r = final.get(label) or {}
+        signed = label == "difference"
+        rows.append(
+            f"{title:<20} {cell(r, 'test_accuracy', acc, signed):>22} "
+            f"{cell(r, 'test_loss', loss, signed):>26}"
+        )
+    rows.append(
+        f"mean ± sample sd over {n} final seed(s); difference: paired per seed, "
+        "[95% CI] over the seeds"
+    )
     rows.append(
         f"{results['estimator']} on {results['task']}: {results['outer_steps']} outer steps "
-        f"({results['stopped']}), {n} final seed(s), wall time {results['wall_time_seconds']:.1f} s"
+        f"({results['stopped']}), wall time {results['wall_time_seconds']:.1f} s"
         + (f", {results['rejected_steps']} rejected step(s)" if results["rejected_steps"] else "")
     )
     return "\n".join(rows)
