@@ -10,8 +10,10 @@ writes into ``--out``:
 - ``meta_loss.png``: meta-loss against outer step and against time, per estimator;
 - ``schedules.png``: the learned schedules overlaid, per hyperparameter type.
 
-Spread is the population standard deviation over seeds, as results.json's ``_std`` fields. A
-run's test accuracy and loss are already means over its ``final.seeds``.
+Two spreads, never mixed: over the outer-loop seeds (``seed``: a whole run again, from a new
+initial state of the outer loop) and over the final seeds (``final.seeds``: the retraining of a
+fixed schedule); learned - baseline differences are paired per final seed, with 95 %
+confidence intervals (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -29,6 +32,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from metahpo import results as results_lib
+from metahpo.evaluation import crossed_ci95, mean_sd
 from metahpo.loggers import WandbLogger, sweep_group
 from metahpo.plots import plot_meta_loss_comparison, plot_schedule_comparison
 
@@ -36,7 +40,12 @@ from metahpo.plots import plot_meta_loss_comparison, plot_schedule_comparison
 @dataclass(frozen=True)
 class Metric:
     """A number of the report: its CSV column, its ``results.summary`` key, and how the
-    markdown shows it (header, format of a value and of a spread, scale)."""
+    markdown shows it (header, format of a value and of a spread, scale).
+
+    ``per_final_seed``: the run's value is a mean over its final seeds, with a spread over them
+    (``<key>_std``); ``paired``: a learned - baseline difference, with a 95 % confidence
+    interval (``<key>_ci95_low``, ``_ci95_high``).
+    """
 
     column: str
     key: str
@@ -44,37 +53,70 @@ class Metric:
     fmt: str
     spread_fmt: str
     scale: float = 1.0
+    per_final_seed: bool = False
+    paired: bool = False
 
     def show(self, value: float | None, spread: float | None = None) -> str:
         """``value`` (or ``value ± spread``) as the markdown shows it; ``n/a`` for None."""
         if value is None:
             return "n/a"
-        text = format(self.scale * value, self.fmt)
+        text = format(self.scale * value, ("+" if self.paired else "") + self.fmt)
         if spread is not None:
             text += f" ± {format(self.scale * spread, self.spread_fmt)}"
         return text
 
+    def show_ci(self, ci: Sequence[float | None]) -> str:
+        lo, hi = ci
+        if lo is None or hi is None:
+            return ""
+        f = "+" + self.fmt
+        return f" [{format(self.scale * lo, f)}, {format(self.scale * hi, f)}]"
 
-def _accuracy(column: str, key: str, header: str) -> Metric:
-    return Metric(column, key, header, fmt=".2f", spread_fmt=".2f", scale=100.0)
 
-
-def _loss(column: str, key: str, header: str) -> Metric:
-    return Metric(column, key, header, fmt=".4g", spread_fmt=".2g")
+def _final(column: str, key: str, header: str, accuracy: bool, paired: bool = False) -> Metric:
+    fmt, spread = (".2f", ".2f") if accuracy else (".4g", ".2g")
+    return Metric(
+        column,
+        key,
+        header,
+        fmt,
+        spread,
+        scale=100.0 if accuracy else 1.0,
+        per_final_seed=not paired,
+        paired=paired,
+    )
 
 
 METRICS = (
-    _accuracy("learned_test_accuracy", "learned/test_accuracy", "learned acc (%)"),
-    _accuracy("baseline_test_accuracy", "baseline/test_accuracy", "baseline acc (%)"),
-    _loss("learned_test_loss", "learned/test_loss", "learned test loss"),
-    _loss("baseline_test_loss", "baseline/test_loss", "baseline test loss"),
-    _loss("meta_loss", "selected/meta_loss", "meta-loss"),
+    _final("learned_test_accuracy", "learned/test_accuracy", "learned acc (%)", True),
+    _final("baseline_test_accuracy", "baseline/test_accuracy", "baseline acc (%)", True),
+    _final(
+        "difference_test_accuracy",
+        "difference/test_accuracy",
+        "learned − baseline acc (pp)",
+        True,
+        True,
+    ),
+    _final("learned_test_loss", "learned/test_loss", "learned test loss", False),
+    _final("baseline_test_loss", "baseline/test_loss", "baseline test loss", False),
+    _final(
+        "difference_test_loss", "difference/test_loss", "learned − baseline test loss", False, True
+    ),
+    Metric("meta_loss", "selected/meta_loss", "meta-loss", fmt=".4g", spread_fmt=".2g"),
     Metric("outer_steps", "outer_steps", "outer steps", fmt="g", spread_fmt=".2g"),
     Metric("wall_time_seconds", "wall_time_seconds", "wall time (s)", fmt=".1f", spread_fmt=".1f"),
     Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", ".1f", ".1f"),
 )
 # Config keys that never tell two runs' methods apart.
-_NOT_A_SETTING = ("seed", "final.seeds", "progress", "resume", "logger.", "hydra.")
+_NOT_A_SETTING = (
+    "seed",
+    "final.seeds",
+    "final.baseline_cache",
+    "progress",
+    "resume",
+    "logger.",
+    "hydra.",
+)
 
 
 @dataclass
@@ -154,34 +196,77 @@ def _label(runs: list[Run]) -> None:
             run.label = f"{run.estimator} ({extra})" if extra else run.estimator
 
 
+def _final_seeds(results: dict[str, Any]) -> str:
+    per_seed = ((results.get("final") or {}).get("learned") or {}).get("per_seed", [])
+    return " ".join(str(r["seed"]) for r in per_seed)
+
+
 def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run: estimator label, task, seed, every metric (None when missing), path."""
+    """One row per run: estimator label, task, outer-loop seed, final seeds, every metric with
+    its spread over the final seeds (``_sd_final``) or, for a paired difference, its 95 %
+    confidence interval over them (``_ci95_low``, ``_ci95_high``); None when missing; path."""
     rows = []
     for run in runs:
         s = results_lib.summary(run.results)
-        row: dict[str, Any] = {"estimator": run.label, "task": run.task, "seed": run.seed}
-        row.update({m.column: s.get(m.key) for m in METRICS})
+        row: dict[str, Any] = {
+            "estimator": run.label,
+            "task": run.task,
+            "seed": run.seed,
+            "final_seeds": _final_seeds(run.results),
+        }
+        for m in METRICS:
+            row[m.column] = s.get(m.key)
+            if m.per_final_seed or m.paired:
+                row[f"{m.column}_sd_final"] = s.get(f"{m.key}_std")
+            if m.paired:
+                row[f"{m.column}_ci95_low"] = s.get(f"{m.key}_ci95_low")
+                row[f"{m.column}_ci95_high"] = s.get(f"{m.key}_ci95_high")
         row["run_dir"] = str(run.path)
         rows.append(row)
     return rows
 
 
-def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per estimator and task: the seeds, and each metric's mean and spread over them."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["estimator"], row["task"]), []).append(row)
+def _paired_values(run: Run, key: str) -> dict[tuple[int, int], float]:
+    """The run's learned - baseline ``key`` per final seed, indexed (outer seed, final seed)."""
+    per_seed = ((run.results.get("final") or {}).get("difference") or {}).get("per_seed", [])
+    return {(run.seed, d["seed"]): d[key] for d in per_seed if d.get(key) is not None}
+
+
+def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per estimator and task: the outer-loop seeds and final seeds, and per metric its mean
+    over the runs, the sample standard deviation of the runs' values over the outer-loop seeds
+    (``_sd_outer``) and, for final metrics, the spread over final seeds within a run
+    (``_sd_final``: root mean square of the runs' sample standard deviations). A paired
+    difference's mean is over every (outer seed, final seed) pair, with a 95 % confidence
+    interval over both seeds (``_ci95_low``, ``_ci95_high``;
+    :func:`metahpo.evaluation.crossed_ci95`)."""
+    groups: dict[tuple[str, str], list[tuple[Run, dict[str, Any]]]] = {}
+    for run, row in zip(runs, run_rows(runs), strict=True):
+        groups.setdefault((row["estimator"], row["task"]), []).append((run, row))
     out = []
-    for (estimator, task), group in groups.items():
+    for (estimator, task), members in groups.items():
+        group = [row for _, row in members]
         agg: dict[str, Any] = {
             "estimator": estimator,
             "task": task,
             "seeds": " ".join(str(r["seed"]) for r in group),
+            "final_seeds": " ".join(sorted({r["final_seeds"] for r in group})),
         }
         for m in METRICS:
             values = [r[m.column] for r in group if r[m.column] is not None]
-            agg[f"{m.column}_mean"] = statistics.fmean(values) if values else None
-            agg[f"{m.column}_std"] = statistics.pstdev(values) if values else None
+            agg[f"{m.column}_mean"], agg[f"{m.column}_sd_outer"] = mean_sd(values)
+            if m.per_final_seed or m.paired:
+                sds = [r[f"{m.column}_sd_final"] for r in group]
+                sds = [x for x in sds if x is not None]
+                agg[f"{m.column}_sd_final"] = (
+                    math.sqrt(statistics.fmean(x * x for x in sds)) if sds else None
+                )
+            if m.paired:
+                field = m.key.split("/", 1)[1]
+                pairs = {k: v for run, _ in members for k, v in _paired_values(run, field).items()}
+                mean, ci = crossed_ci95(pairs)
+                agg[f"{m.column}_mean"] = mean
+                agg[f"{m.column}_ci95_low"], agg[f"{m.column}_ci95_high"] = ci or (None, None)
         out.append(agg)
     return out
 
@@ -192,19 +277,58 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _summary_cell(m: Metric, s: dict[str, Any]) -> str:
+    """``mean ± sd outer (± sd final)``; a difference ``mean [CI]``."""
+    mean, outer = s[f"{m.column}_mean"], s[f"{m.column}_sd_outer"]
+    if mean is None:
+        return "n/a"
+    if m.paired:
+        return m.show(mean) + m.show_ci((s[f"{m.column}_ci95_low"], s[f"{m.column}_ci95_high"]))
+    text = m.show(mean)
+    if outer is not None:
+        text += f" ± {format(m.scale * outer, m.spread_fmt)} (outer)"
+    final = s.get(f"{m.column}_sd_final")
+    if final is not None:
+        text += f" ± {format(m.scale * final, m.spread_fmt)} (final)"
+    return text
+
+
 def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
-    """The mean ± spread table."""
-    header = ["estimator", "task", "seeds", *(m.header for m in METRICS)]
+    """The summary table: per estimator and task, mean ± spreads, paired differences with CI."""
+    header = ["estimator", "task", "outer seeds", "final seeds", *(m.header for m in METRICS)]
     rows = [
         [
             s["estimator"],
             s["task"],
             s["seeds"],
-            *(m.show(s[f"{m.column}_mean"], s[f"{m.column}_std"]) for m in METRICS),
+            s["final_seeds"],
+            *(_summary_cell(m, s) for m in METRICS),
         ]
         for s in summary
     ]
     return _markdown(header, rows)
+
+
+def _run_cell(m: Metric, r: dict[str, Any]) -> str:
+    value = r[m.column]
+    if value is None:
+        return "n/a"
+    if m.paired:
+        return m.show(value) + m.show_ci((r[f"{m.column}_ci95_low"], r[f"{m.column}_ci95_high"]))
+    return m.show(value, r.get(f"{m.column}_sd_final"))
+
+
+EXPLAINED = (
+    "Per estimator and task, over its runs: mean over the runs ± sample standard deviation "
+    "over the outer-loop seeds (`seed`: the runs' means over their final seeds) ± spread over "
+    "the final seeds (`final.seeds`, the retraining seeds; root mean square of each run's "
+    "sample standard deviation). **learned − baseline** is paired: both schedules are "
+    "retrained with the same final seed, the difference is taken per seed and averaged over all "
+    "(outer seed, final seed) pairs; shown with its 95 % confidence interval over both seeds "
+    "(crossed: var of outer-seed means / S + var of final-seed means / F, Student t with "
+    "min(S, F) − 1 degrees of freedom; conservative). The meta-loss is the reported "
+    "schedule's validation loss; peak memory is the estimator's."
+)
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -219,7 +343,7 @@ def write_report(runs: Sequence[Run], out: Path) -> list[Path]:
     """Write report.md, report.csv, summary.csv, meta_loss.png and schedules.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = run_rows(runs)
-    summary = summary_rows(rows)
+    summary = summary_rows(runs)
     by_label: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_label.setdefault(run.label, []).append(run.results)
@@ -229,13 +353,14 @@ def write_report(runs: Sequence[Run], out: Path) -> list[Path]:
         plot_schedule_comparison(by_label, out / "schedules.png", f"learned schedules: {title}"),
     ]
     run_table = _markdown(
-        ["estimator", "task", "seed", *(m.header for m in METRICS), "run"],
+        ["estimator", "task", "seed", "final seeds", *(m.header for m in METRICS), "run"],
         [
             [
                 r["estimator"],
                 r["task"],
                 str(r["seed"]),
-                *(m.show(r[m.column]) for m in METRICS),
+                r["final_seeds"],
+                *(_run_cell(m, r) for m in METRICS),
                 r["run_dir"],
             ]
             for r in rows
@@ -244,11 +369,11 @@ def write_report(runs: Sequence[Run], out: Path) -> list[Path]:
     text = "\n\n".join(
         [
             "# metahpo comparison",
-            f"{len(runs)} runs. Mean ± spread over seeds (population standard deviation); "
-            "a run's test accuracy and loss are means over its `final.seeds`; the meta-loss is "
-            "the reported schedule's validation loss; peak memory is the estimator's.",
+            f"{len(runs)} runs. {EXPLAINED}",
             summary_markdown(summary),
             "## Runs",
+            "Per run: mean ± sample standard deviation over its final seeds; learned − baseline "
+            "with its 95 % confidence interval over them.",
             run_table,
             "## Plots",
             "![meta-loss per estimator](meta_loss.png)",
@@ -270,7 +395,7 @@ def log_to_wandb(
     """Log the comparison's tables and plots as one W&B run (job type ``compare``), in the
     group of the runs' multirun when they are one multirun's; a W&B failure only warns."""
     rows = run_rows(runs)
-    summary = summary_rows(rows)
+    summary = summary_rows(runs)
     parents = {r.path.resolve().parent for r in runs}
     sweep = parents.pop() if len(parents) == 1 else None
     logger.start(
@@ -322,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"metahpo-compare: error: {e}\n")
     out = args.out or (args.dirs[0] / "comparison" if len(args.dirs) == 1 else Path("comparison"))
     files = write_report(runs, out)
-    print(summary_markdown(summary_rows(run_rows(runs))))
+    print(summary_markdown(summary_rows(runs)))
     if logger is not None:
         log_to_wandb(logger, runs, files, out)
     print(f"{len(runs)} runs compared; report, tables and plots: {out}")

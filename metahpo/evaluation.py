@@ -81,15 +81,51 @@ def paired_difference(
     learned: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
     """Learned minus baseline per final seed, over the seeds where neither diverged: mean,
-    sample standard deviation, 95 % confidence interval (``_ci95``) and the seeds used."""
+    sample standard deviation, 95 % confidence interval (``_ci95``), and ``per_seed``."""
     base = {r["seed"]: r for r in baseline if not r.get("diverged")}
     pairs = [(r, base[r["seed"]]) for r in learned if not r.get("diverged") and r["seed"] in base]
-    out: dict[str, Any] = {"seeds": [a["seed"] for a, _ in pairs]}
+    per_seed = [
+        {"seed": a["seed"], **{k: a[k] - b[k] for k in METRICS if a.get(k) is not None}}
+        for a, b in pairs
+    ]
+    out: dict[str, Any] = {}
     for key in METRICS:
-        diffs = [a[key] - b[key] for a, b in pairs if a.get(key) is not None]
+        diffs = [d[key] for d in per_seed if key in d]
         out[key], out[f"{key}_std"] = mean_sd(diffs)
         out[f"{key}_ci95"] = ci95(diffs)
-    return out
+    return {**out, "per_seed": per_seed}
+
+
+def crossed_ci95(values: dict[tuple[int, int], float]) -> tuple[float | None, list[float] | None]:
+    """Mean and 95 % confidence interval of values indexed by (outer seed, final seed).
+
+    Runs of one sweep share their final seeds, so the two seeds are crossed factors and the
+    final seeds' luck is common to all runs: the spread between runs alone would miss it. The
+    variance of the mean is estimated as var(outer-seed means) / S + var(final-seed means) / F
+    (which counts their interaction twice: conservative), with a Student t of min(S, F) - 1
+    degrees of freedom (also conservative); with one outer seed this is the run's own interval
+    over its final seeds, with one final seed the interval over the outer seeds.
+    """
+    if not values:
+        return None, None
+    rows: dict[int, list[float]] = {}
+    cols: dict[int, list[float]] = {}
+    for (outer, final), v in values.items():
+        rows.setdefault(outer, []).append(v)
+        cols.setdefault(final, []).append(v)
+    mean = statistics.fmean(values.values())
+    row_means = [statistics.fmean(v) for v in rows.values()]
+    col_means = [statistics.fmean(v) for v in cols.values()]
+    parts = [
+        (len(m), statistics.variance(m) / len(m)) for m in (row_means, col_means) if len(m) > 1
+    ]
+    if not parts:
+        return mean, None
+    from scipy.stats import t
+
+    df = min(n for n, _ in parts) - 1
+    half = float(t.ppf(0.975, df)) * math.sqrt(sum(v for _, v in parts))
+    return mean, [mean - half, mean + half]
 
 
 def final_evaluation(
