@@ -134,7 +134,9 @@ def _one_line(error: Exception, overrides: list[str]) -> ConfigError:
             node = None
         known = ", ".join(sorted(str(k) for k in node)) if isinstance(node, DictConfig) else ""
         where = f" under {parent}" if parent else ""
-        plugin = parent.split(".")[0] in ("task", "estimator", "logger") and leaf
+        # a plugin's own node: task, estimator, or one logger's entry (logger.wandb)
+        top = parent.split(".")[0]
+        plugin = leaf and (top in ("task", "estimator") or (top == "logger" and "." in parent))
         hint = f" (an argument the class accepts but the file omits: +{key}=...)" if plugin else ""
         return ConfigError(f"{key} is not a key of this config; keys{where}: {known}{hint}")
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]

@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 
 import metahpo
-from metahpo.build import build
+from metahpo.build import _loggers, build
 from metahpo.config import GROUPS, config_dir, options
 from metahpo.core import ConfigError
 
@@ -20,8 +20,10 @@ def test_every_config_file_composes_and_instantiates(group: str) -> None:
         cfg = metahpo.compose([f"{group}={option}"])
         if group == "experiment":
             continue
-        if group in ("estimator", "logger"):
+        if group == "estimator":
             instantiate(cfg[group])
+        elif group == "logger":
+            _loggers(cfg.logger)
         elif group == "outer":
             instantiate(cfg.outer.optimizer)
         elif group == "task" and "download" in cfg.task:
@@ -47,7 +49,7 @@ def test_defaults_are_the_main_job() -> None:
         (["task.batch_size=5000"], "task.batch_size=5000 must be between 1 and the"),
         (["outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a positive number"),
         (["estimator._target_=nowhere.Nothing"], "estimator._target_='nowhere.Nothing' could not"),
-        (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes' is unknown"),
+        (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.mode='sometimes' is unknown"),
     ],
 )
 def test_bad_plugin_arguments_fail_before_training(

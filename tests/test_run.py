@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -36,7 +37,7 @@ def test_run_writes_documented_results(tmp_path: Path) -> None:
     out = metahpo.run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(out))
-    assert out["schema_version"] == 2
+    assert out["schema_version"] == 3
     assert (out["estimator"], out["task"], out["seed"], out["horizon"]) == (
         "forward",
         "quadratic",
@@ -59,6 +60,21 @@ def test_run_writes_documented_results(tmp_path: Path) -> None:
         assert len(final["per_seed"]) == 2 and final["test_loss"] > 0
         assert final["test_accuracy"] is None  # regression
     assert out["final"]["learned"]["test_loss"] < out["history"][0]["meta_loss"]
+    # mean ± sample sd over the final seeds, and the paired difference with its t interval
+    learned, baseline = (out["final"][k]["per_seed"] for k in ("learned", "baseline"))
+    losses = [r["test_loss"] for r in learned]
+    assert out["final"]["learned"]["test_loss_std"] == pytest.approx(
+        abs(losses[0] - losses[1]) / math.sqrt(2), rel=1e-12
+    )
+    pairs = [a["test_loss"] - b["test_loss"] for a, b in zip(learned, baseline, strict=True)]
+    diff = out["final"]["difference"]
+    assert [d["seed"] for d in diff["per_seed"]] == [0, 1]
+    assert [d["test_loss"] for d in diff["per_seed"]] == pairs
+    mean = (pairs[0] + pairs[1]) / 2
+    half = 12.706204736174707 * abs(pairs[0] - pairs[1]) / 2  # t(0.975, 1) * sd / sqrt(2)
+    assert diff["test_loss"] == pytest.approx(mean, rel=1e-12)
+    assert diff["test_loss_ci95"] == pytest.approx([mean - half, mean + half], rel=1e-9)
+    assert out["final"]["baseline"]["cache"] is None  # not a sweep: nothing shared
     for name in ("schedules.png", "meta_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "horizon: 20" in (tmp_path / "config.yaml").read_text()
