@@ -78,7 +78,7 @@ class NullLogger:
 
 
 def resolve_mode(mode: str | None) -> tuple[str, str]:
-    """The W&B mode to use and why: ``logger.mode`` when set; else ``WANDB_MODE``; else
+    """The W&B mode to use and why: ``logger.wandb.mode`` when set; else ``WANDB_MODE``; else
     ``online`` when an API key is available, ``offline`` when not.
 
     Raises:
@@ -86,8 +86,10 @@ def resolve_mode(mode: str | None) -> tuple[str, str]:
     """
     if mode is not None:
         if mode not in MODES:
-            raise ConfigError(f"logger.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
-        return mode, "logger.mode"
+            raise ConfigError(
+                f"logger.wandb.mode={mode!r} is unknown; allowed: {', '.join(MODES)}"
+            )
+        return mode, "logger.wandb.mode"
     env = os.environ.get("WANDB_MODE")
     if env:
         env = {"dryrun": "offline", "run": "online"}.get(env, env)  # wandb's old names
@@ -316,6 +318,13 @@ class WandbLogger:
             return None
 
 
+def _schedule_table(results: dict[str, Any] | None) -> dict[str, Table] | None:
+    """``tables/learned_schedule`` when the run learned a schedule."""
+    if not results or not results.get("learned_schedule"):
+        return None
+    return {"tables/learned_schedule": results_lib.schedule_rows(results)}
+
+
 def _numbers_only(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The entries that are real numbers (TensorBoard scalars), as floats."""
     return {
@@ -413,6 +422,7 @@ class TensorBoardLogger:
         if self.writer is None:
             return
         summary = results_lib.summary(results) if results else {}
+        self.media(files, _schedule_table(results))
         if summary:
             step = self.last_step + 1
             self.guard.call("final row", self._scalars, step, summary)
@@ -424,7 +434,6 @@ class TensorBoardLogger:
                 "| key | value |\n|---|---|\n" + text,
                 step,
             )
-        self.media(files)
         writer, self.writer = self.writer, None
         self.guard.call("finish", writer.close)
 
@@ -509,6 +518,7 @@ class CSVLogger:
     ) -> None:
         if self.path is None:
             return
+        self.media(files, _schedule_table(results))
         summary = results_lib.summary(results) if results else {}
         if summary:
             self.guard.call("final row", self._append, self.last_step + 1, summary)

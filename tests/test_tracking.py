@@ -25,21 +25,22 @@ import metahpo
 from metahpo import compare
 from metahpo import results as results_lib
 from metahpo.core import ConfigError, DivergenceError
-from metahpo.loggers import resolve_mode, sweep_group
+from metahpo.loggers import resolve_mode, step_metrics, sweep_group
 from tests.wandb_files import read_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false", "outer.steps=3"]
-# Two estimators x two seeds on digits; each run's final retraining uses its own seed, so
-# accuracies differ between seeds and the spread is not zero.
+# Two estimators x two outer-loop seeds on digits, each retrained with the same two final
+# seeds: the baseline's retraining is shared through the sweep's cache.
 SWEEP = [
     "experiment=smoke",
     "task.n_train=256",
     "progress=false",
     "estimator=forward,greedy",
     "seed=0,1",
-    "final.seeds=[${seed}]",
+    "final.seeds=[0,1]",
 ]
+TRACKERS = "logger=[wandb,tensorboard,csv]"
 
 
 def _env(root: Path, **extra: str) -> dict[str, str]:
@@ -50,10 +51,11 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``metahpo -m ... logger=wandb`` with no API key and no mode: offline W&B runs."""
+    """``metahpo -m ...`` with W&B, TensorBoard and CSV, no API key and no W&B mode: offline
+    W&B runs."""
     root = tmp_path_factory.mktemp("tracking")
     proc = subprocess.run(
-        [sys.executable, "-m", "metahpo", "-m", *SWEEP, "logger=wandb"]
+        [sys.executable, "-m", "metahpo", "-m", *SWEEP, TRACKERS]
         + [f"hydra.sweep.dir={root / 'sweep'}"],
         capture_output=True,
         text=True,
@@ -82,7 +84,7 @@ def test_sweep_runs_are_in_wandb_as_in_results_json(sweep: Path) -> None:
         logged = read_run(wb_dir)
 
         steps = [h for h in results["history"] if h["hypergradient"] is not None]
-        rows = [h for h in logged["history"] if "meta_loss" in h]
+        *rows, final_row = [h for h in logged["history"] if "meta_loss" in h]
         assert len(rows) == len(steps) == results["outer_steps"] == 2
         for row, h in zip(rows, steps, strict=True):
             assert row["_step"] == h["outer_step"]
@@ -94,15 +96,33 @@ def test_sweep_runs_are_in_wandb_as_in_results_json(sweep: Path) -> None:
                 norm = math.hypot(*h["hypergradient"][n])
                 assert row[f"hypergrad_norm/{n}"] == pytest.approx(norm, rel=1e-12)
 
-        assert logged["config"] == OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
-        assert logged["config"]["seed"] == results["seed"]
+        # the summary and the final row: the selected schedule and the final metrics, not the
+        # last outer step's values
         summary = results_lib.summary(results)
-        assert {k: logged["summary"][k] for k in summary} == summary
-        learned, baseline = results["final"]["learned"], results["final"]["baseline"]
-        assert logged["summary"]["learned/test_accuracy"] == learned["test_accuracy"]
-        assert logged["summary"]["baseline/test_accuracy"] == baseline["test_accuracy"]
+        selected = next(
+            h
+            for h in results["history"]
+            if h["outer_step"] == results["selected_outer_step"] and not h.get("online")
+        )
+        assert final_row["_step"] == results["outer_steps"]
+        for numbers in (logged["summary"], final_row):
+            assert {k: numbers[k] for k in summary} == summary
+            assert numbers["meta_loss"] == selected["meta_loss"]
+            assert numbers["val_accuracy"] == selected["val_accuracy"]
+            for n, spec in results["learned_schedule"].items():
+                assert [numbers[f"{n}/{i}"] for i in range(2)] == spec["values"]
+            for label in ("learned", "baseline", "difference"):
+                for key in ("test_accuracy", "test_loss"):
+                    part = results["final"][label]
+                    assert numbers[f"{label}/{key}"] == part[key]
+                    assert numbers[f"{label}/{key}_std"] == part[f"{key}_std"]
+            ci = results["final"]["difference"]["test_accuracy_ci95"]
+            assert [numbers[f"difference/test_accuracy_ci95_{e}"] for e in ("low", "high")] == ci
+        assert logged["summary"]["selected/meta_loss"] == selected["meta_loss"]
         assert logged["summary"]["estimator_peak_memory_mb"] == results["estimator_peak_memory_mb"]
 
+        assert logged["config"] == OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+        assert logged["config"]["seed"] == results["seed"]
         assert logged["group"] == sweep_group(sweep) == f"{sweep.parent.name}-sweep"
         assert logged["tags"] == [results["estimator"], "digits"]
         assert logged["job_type"] == "train" and logged["exit_code"] == 0
@@ -114,6 +134,61 @@ def test_sweep_runs_are_in_wandb_as_in_results_json(sweep: Path) -> None:
         columns, data = results_lib.schedule_rows(results)
         assert table["columns"] == columns and table["data"] == data
         assert [r[5] for r in data if r[0] == "lr"] == results["learned_schedule"]["lr"]["values"]
+
+
+def _expected_rows(results: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(step, metrics) a tracker got: each outer step's, then the summary one step later."""
+    steps = [h for h in results["history"] if h["hypergradient"] is not None]
+    rows = [(h["outer_step"], step_metrics(h)) for h in steps]
+    return [*rows, (results["outer_steps"], results_lib.summary(results))]
+
+
+@pytest.mark.slow  # shares one ~25 s sweep
+def test_sweep_runs_are_in_tensorboard_as_in_results_json(sweep: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in _runs(sweep):
+        results = json.loads((run / "results.json").read_text())
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        expected: dict[str, list[tuple[int, float]]] = {}
+        for step, metrics in _expected_rows(results):
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    expected.setdefault(key, []).append((step, value))
+        assert set(events.Tags()["scalars"]) == set(expected)
+        for key, points in expected.items():
+            got = [(e.step, e.value) for e in events.Scalars(key)]
+            assert [s for s, _ in got] == [s for s, _ in points], key
+            # TensorBoard stores float32
+            assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-30)
+        # the last value of a schedule entry is the learned schedule's, as in W&B
+        for n, spec in results["learned_schedule"].items():
+            assert [events.Scalars(f"{n}/{i}")[-1].value for i in range(2)] == pytest.approx(
+                spec["values"], rel=1e-6
+            )
+        assert {"config", "summary"} <= set(events.Tags()["tensors"]) | {
+            t.rsplit("/", 1)[0] for t in events.Tags()["tensors"]
+        }
+        assert set(events.Tags()["images"]) == {"plots/schedules", "plots/meta_loss"}
+
+
+@pytest.mark.slow  # shares one ~25 s sweep
+def test_sweep_runs_are_in_csv_as_in_results_json(sweep: Path) -> None:
+    for run in _runs(sweep):
+        results = json.loads((run / "results.json").read_text())
+        rows = _csv(run / "csv" / "metrics.csv")
+        expected = _expected_rows(results)
+        assert [int(r["step"]) for r in rows] == [step for step, _ in expected]
+        for row, (_, metrics) in zip(rows, expected, strict=True):
+            assert {k: v for k, v in row.items() if v != "" and k != "step"} == {
+                k: str(v) for k, v in metrics.items()
+            }
+        summary = dict((r["key"], r["value"]) for r in _csv(run / "csv" / "summary.csv"))
+        assert summary == {k: str(v) for k, v in results_lib.summary(results).items()}
+        table = list(csv.reader((run / "csv" / "tables_learned_schedule.csv").open()))
+        columns, data = results_lib.schedule_rows(results)
+        assert table == [columns, *([str(x) for x in r] for r in data)]
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +211,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def _numbers(results: dict[str, Any]) -> dict[str, float]:
     """What the report should say about one run, straight from its results.json."""
     final = results["final"]
-    return {
-        "learned_test_accuracy": final["learned"]["test_accuracy"],
-        "baseline_test_accuracy": final["baseline"]["test_accuracy"],
-        "learned_test_loss": final["learned"]["test_loss"],
-        "baseline_test_loss": final["baseline"]["test_loss"],
+    out = {
         "meta_loss": next(
             h["meta_loss"]
             for h in results["history"]
@@ -150,36 +221,91 @@ def _numbers(results: dict[str, Any]) -> dict[str, float]:
         "wall_time_seconds": results["wall_time_seconds"],
         "peak_memory_mb": results["estimator_peak_memory_mb"],
     }
+    for label in ("learned", "baseline", "difference"):
+        for key in ("test_accuracy", "test_loss"):
+            out[f"{label}_{key}"] = final[label][key]
+            out[f"{label}_{key}_sd_final"] = final[label][f"{key}_std"]
+        for key in ("test_accuracy", "test_loss"):
+            if label == "difference":
+                low, high = final[label][f"{key}_ci95"]
+                out[f"{label}_{key}_ci95_low"], out[f"{label}_{key}_ci95_high"] = low, high
+    return out
 
 
 @pytest.mark.slow  # shares one ~25 s sweep
 def test_compare_report_matches_the_runs(sweep: Path, report: Path) -> None:
-    by_estimator: dict[str, list[dict[str, float]]] = {}
+    by_estimator: dict[str, list[dict[str, Any]]] = {}
     rows = _csv(report / "report.csv")
     assert len(rows) == 4
     for row in rows:
         results = json.loads((Path(row["run_dir"]) / "results.json").read_text())
         assert (row["estimator"], row["task"]) == (results["estimator"], "digits")
-        assert int(row["seed"]) == results["seed"]
+        assert int(row["seed"]) == results["seed"] and row["final_seeds"] == "0 1"
         expected = _numbers(results)
         assert {k: float(row[k]) for k in expected} == expected
-        by_estimator.setdefault(row["estimator"], []).append(expected)
+        by_estimator.setdefault(row["estimator"], []).append(results)
     assert sorted(by_estimator) == ["forward", "greedy"]
+
+    # the baseline was retrained once per final seed for the whole sweep, from its cache
+    every = [r for group in by_estimator.values() for r in group]
+    computed = [p["seed"] for r in every for p in r["final"]["baseline"]["per_seed"]]
+    fresh = [
+        p["seed"] for r in every for p in r["final"]["baseline"]["per_seed"] if not p["cached"]
+    ]
+    assert sorted(fresh) == [0, 1] and len(computed) == 8
+    assert len(list((sweep / ".baseline_cache").glob("*.json"))) == 2
+    baselines = {json.dumps(r["final"]["baseline"]["per_seed"][0]["test_loss"]) for r in every}
+    assert len(baselines) == 1
 
     summary = {s["estimator"]: s for s in _csv(report / "summary.csv")}
     text = (report / "report.md").read_text()
-    for estimator, runs in by_estimator.items():
+    for estimator, group in by_estimator.items():
         s = summary[estimator]
-        assert s["seeds"] == "0 1"
-        for key in runs[0]:
-            values = [r[key] for r in runs]
-            assert float(s[f"{key}_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12)
-            assert float(s[f"{key}_std"]) == pytest.approx(statistics.pstdev(values), abs=1e-15)
-        accs = [100 * r["learned_test_accuracy"] for r in runs]
-        shown = f"{statistics.fmean(accs):.2f} ± {statistics.pstdev(accs):.2f}"
-        assert f"| {estimator} | digits | 0 1 | {shown} |" in text
-    # the seeds differ, so the spread is measured, not a constant zero
-    assert any(float(s["learned_test_accuracy_std"]) > 0 for s in summary.values())
+        assert (s["seeds"], s["final_seeds"]) == ("0 1", "0 1")
+        for label in ("learned", "baseline"):
+            for key in ("test_accuracy", "test_loss"):
+                column = f"{label}_{key}"
+                means = [r["final"][label][key] for r in group]
+                sds = [r["final"][label][f"{key}_std"] for r in group]
+                assert float(s[f"{column}_mean"]) == pytest.approx(statistics.fmean(means))
+                assert float(s[f"{column}_sd_outer"]) == pytest.approx(
+                    statistics.stdev(means), abs=1e-15
+                )
+                rms = math.sqrt(statistics.fmean(x * x for x in sds))
+                assert float(s[f"{column}_sd_final"]) == pytest.approx(rms, rel=1e-12)
+        # the paired difference over all (outer seed, final seed) pairs, with the crossed
+        # interval computed by hand: outer-seed means and final-seed means
+        d = {
+            (r["seed"], p["seed"]): p["test_accuracy"]
+            for r in group
+            for p in r["final"]["difference"]["per_seed"]
+        }
+        assert len(d) == 4
+        mean = statistics.fmean(d.values())
+        outer = [statistics.fmean(d[o, f] for f in (0, 1)) for o in (0, 1)]
+        final = [statistics.fmean(d[o, f] for o in (0, 1)) for f in (0, 1)]
+        half = 12.706204736174707 * math.sqrt(
+            statistics.variance(outer) / 2 + statistics.variance(final) / 2
+        )
+        assert float(s["difference_test_accuracy_mean"]) == pytest.approx(mean, rel=1e-12)
+        low, high = (
+            float(s["difference_test_accuracy_ci95_low"]),
+            float(s["difference_test_accuracy_ci95_high"]),
+        )
+        assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-9)
+        assert half > 0  # the final seeds' spread is counted even where the runs agree
+        shown = f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+        assert f" | {shown} | " in text
+        accs = [100 * r["final"]["learned"]["test_accuracy"] for r in group]
+        rms = math.sqrt(
+            statistics.fmean((100 * r["final"]["learned"]["test_accuracy_std"]) ** 2 for r in group)
+        )
+        cell = (
+            f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f} (outer) "
+            f"± {rms:.2f} (final)"
+        )
+        assert f"| {estimator} | digits | 0 1 | 0 1 | {cell} |" in text
+    assert "(outer)" in text and "(final)" in text and "95 % confidence interval" in text
 
     for name in ("meta_loss", "schedules"):
         image = matplotlib.image.imread(report / f"{name}.png")
@@ -214,7 +340,8 @@ def test_compare_logs_tables_and_plots_to_wandb(
     table = json.loads((wb_dir / "files" / logged["summary"]["comparison/runs.path"]).read_text())
     rows = _csv(tmp_path / "report.csv")
     assert table["columns"] == list(rows[0])
-    assert [r[3] for r in table["data"]] == [float(r["learned_test_accuracy"]) for r in rows]
+    column = table["columns"].index("learned_test_accuracy")
+    assert [r[column] for r in table["data"]] == [float(r["learned_test_accuracy"]) for r in rows]
     assert logged["summary"]["comparison/summary.nrows"] == 2
     for name in ("meta_loss", "schedules"):
         assert logged["summary"][f"plots/{name}._type"] == "image-file"
@@ -275,11 +402,11 @@ def test_wandb_mode_comes_from_config_then_environment_then_the_api_key(
     assert resolve_mode(None)[0] == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode(None) == ("disabled", "WANDB_MODE")
-    assert resolve_mode("offline") == ("offline", "logger.mode")
+    assert resolve_mode("offline") == ("offline", "logger.wandb.mode")
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match=r"^WANDB_MODE='sometimes' is unknown; allowed: online"):
         resolve_mode(None)
-    with pytest.raises(ConfigError, match=r"^logger.mode='on' is unknown; allowed: online, off"):
+    with pytest.raises(ConfigError, match=r"^logger.wandb.mode='on' is unknown; allowed: online, off"):
         resolve_mode("on")
 
 
@@ -329,8 +456,14 @@ def test_wandb_settings_fall_back_to_the_environment(monkeypatch: pytest.MonkeyP
     metahpo.run(metahpo.compose([*QUICK, "outer.steps=1", "logger=wandb"]))
     metahpo.run(
         metahpo.compose(
-            [*QUICK, "outer.steps=1", "logger=wandb", "logger.project=mine", "logger.tags=[x]"]
-            + ["logger.group=mine", "logger.mode=disabled"]
+            [
+                *QUICK,
+                "outer.steps=1",
+                "logger=wandb",
+                "logger.wandb.project=mine",
+                "logger.wandb.tags=[x]",
+            ]
+            + ["logger.wandb.group=mine", "logger.wandb.mode=disabled"]
         )
     )
     env_run, config_run = (r.init for r in runs)
@@ -356,12 +489,12 @@ def test_a_failed_run_still_finishes_its_wandb_run_as_failed(
     runs = _fake_wandb(monkeypatch)
     cfg = metahpo.compose(
         [*QUICK, "horizon=200", "schedule.lr.bounds=[0,10]", "schedule.lr.init=9.0"]
-        + ["logger=wandb", "logger.mode=offline"]
+        + ["logger=wandb", "logger.wandb.mode=offline"]
     )
     with pytest.raises(DivergenceError):
         metahpo.run(cfg)
-    (log, summary, finish) = runs[0].calls
-    assert log == ("log", 0) and finish == ("finish", 1)
+    (log, final_row, summary, finish) = runs[0].calls
+    assert log == ("log", 0) and final_row == ("log", 1) and finish == ("finish", 1)
     assert summary[0] == "summary" and summary[1]["stopped"] == "diverged"
     assert summary[1]["rejected_steps"] == 1 and "learned/test_loss" not in summary[1]
 
@@ -406,7 +539,9 @@ def test_wandb_failing_at_init_keeps_the_run(
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", no_network)
-    out = metahpo.run(metahpo.compose([*QUICK, "logger=wandb", "logger.mode=online"]), tmp_path)
+    out = metahpo.run(
+        metahpo.compose([*QUICK, "logger=wandb", "logger.wandb.mode=online"]), tmp_path
+    )
     assert _warnings(caplog) == [
         "W&B init failed (ConnectionError: api.wandb.ai unreachable); W&B logging is off for "
         f"the rest of this run, results stay in {tmp_path}"
@@ -430,7 +565,9 @@ def test_wandb_failing_mid_run_keeps_the_run(
         log(self, data, **kw)
 
     monkeypatch.setattr(wandb.Run, "log", disk_full_at_second_step)
-    cfg = metahpo.compose([*QUICK, "logger=wandb", "logger.mode=offline", f"logger.dir={tmp_path}"])
+    cfg = metahpo.compose(
+        [*QUICK, "logger=wandb", "logger.wandb.mode=offline", f"logger.wandb.dir={tmp_path}"]
+    )
     out = metahpo.run(cfg, tmp_path / "run")
     warnings = _warnings(caplog)
     assert len(warnings) == 1
@@ -448,8 +585,11 @@ def test_wandb_failing_at_the_summary_still_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     runs = _fake_wandb(monkeypatch, fail="summary")
-    out = metahpo.run(metahpo.compose([*QUICK, "logger=wandb", "logger.mode=offline"]), tmp_path)
-    assert [c[0] for c in runs[0].calls] == ["log", "log", "log", "log", "summary", "finish"]
+    out = metahpo.run(
+        metahpo.compose([*QUICK, "logger=wandb", "logger.wandb.mode=offline"]), tmp_path
+    )
+    assert [c[0] for c in runs[0].calls] == ["log"] * 4 + ["summary", "finish"]
+    assert runs[0].calls[3] == ("log", 3)  # the final row, one after outer steps 0-2
     assert runs[0].calls[-1] == ("finish", 1)  # W&B's copy is incomplete
     assert len(_warnings(caplog)) == 1 and "W&B summary failed (OSError" in _warnings(caplog)[0]
     assert json.loads((tmp_path / "results.json").read_text())["outer_steps"] == 3
