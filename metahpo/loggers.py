@@ -82,7 +82,7 @@ def resolve_mode(mode: str | None) -> tuple[str, str]:
     ``online`` when an API key is available, ``offline`` when not.
 
     Raises:
-        ConfigError: ``logger.mode`` or ``WANDB_MODE`` is not one of online, offline, disabled.
+        ConfigError: ``logger.wandb.mode`` or ``WANDB_MODE`` is not online, offline or disabled.
     """
     if mode is not None:
         if mode not in MODES:

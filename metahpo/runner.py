@@ -461,7 +461,13 @@ def _write(
     )
     if loop.history:
         files.append(
-            plot_history(loop.history, out_dir / "meta_loss.png", title, selected=loop.selected)
+            plot_history(
+                loop.history,
+                out_dir / "meta_loss.png",
+                title,
+                selected=loop.selected,
+                baseline=((results.get("final") or {}).get("baseline") or {}).get("val_loss"),
+            )
         )
     return files
 
