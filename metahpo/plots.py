@@ -109,8 +109,15 @@ def _band(ax: Any, x: Sequence[float], ys: Sequence[Sequence[float]], **style: A
     label = style.pop("label", None)
     ax.plot(x, stacked.mean(axis=0), label=label, **style)
     if len(stacked) > 1:
+        step = "post" if style.get("drawstyle") == "steps-post" else None
         ax.fill_between(
-            x, stacked.min(axis=0), stacked.max(axis=0), color=style["color"], alpha=BAND, lw=0
+            x,
+            stacked.min(axis=0),
+            stacked.max(axis=0),
+            color=style["color"],
+            alpha=BAND,
+            lw=0,
+            step=step,
         )
 
 
