@@ -496,7 +496,7 @@ def format_table(results: dict[str, Any]) -> str:
             return f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
         return text if sd is None or signed else f"{text} ± {fmt(sd)}"
 
-    rows = [f"{'schedule':<20} {'test acc (%)':>22} {'test loss':>26}"]
+    rows = [f"{'schedule':<18} {'test acc (%)':>22} {'test loss':>28}"]
     for label, title in (
         ("learned", "learned"),
         ("baseline", "baseline"),
@@ -505,8 +505,8 @@ def format_table(results: dict[str, Any]) -> str:
         r = final.get(label) or {}
         signed = label == "difference"
         rows.append(
-            f"{title:<20} {cell(r, 'test_accuracy', acc, signed):>22} "
-            f"{cell(r, 'test_loss', loss, signed):>26}"
+            f"{title:<18} {cell(r, 'test_accuracy', acc, signed):>22} "
+            f"{cell(r, 'test_loss', loss, signed):>28}"
         )
     rows.append(
         f"mean ± sample sd over {n} final seed(s); difference: paired per seed, "
