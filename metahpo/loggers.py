@@ -86,9 +86,7 @@ def resolve_mode(mode: str | None) -> tuple[str, str]:
     """
     if mode is not None:
         if mode not in MODES:
-            raise ConfigError(
-                f"logger.wandb.mode={mode!r} is unknown; allowed: {', '.join(MODES)}"
-            )
+            raise ConfigError(f"logger.wandb.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
         return mode, "logger.wandb.mode"
     env = os.environ.get("WANDB_MODE")
     if env:

@@ -49,7 +49,10 @@ def test_defaults_are_the_main_job() -> None:
         (["task.batch_size=5000"], "task.batch_size=5000 must be between 1 and the"),
         (["outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a positive number"),
         (["estimator._target_=nowhere.Nothing"], "estimator._target_='nowhere.Nothing' could not"),
-        (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode='sometimes' is unknown"),
+        (
+            ["logger=wandb", "logger.wandb.mode=sometimes"],
+            "logger.wandb.mode='sometimes' is unknown",
+        ),
     ],
 )
 def test_bad_plugin_arguments_fail_before_training(

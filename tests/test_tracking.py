@@ -406,7 +406,9 @@ def test_wandb_mode_comes_from_config_then_environment_then_the_api_key(
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match=r"^WANDB_MODE='sometimes' is unknown; allowed: online"):
         resolve_mode(None)
-    with pytest.raises(ConfigError, match=r"^logger.wandb.mode='on' is unknown; allowed: online, off"):
+    with pytest.raises(
+        ConfigError, match=r"^logger.wandb.mode='on' is unknown; allowed: online, off"
+    ):
         resolve_mode("on")
 
 
