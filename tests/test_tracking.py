@@ -596,3 +596,23 @@ def test_wandb_failing_at_the_summary_still_finishes(
     assert len(_warnings(caplog)) == 1 and "W&B summary failed (OSError" in _warnings(caplog)[0]
     assert json.loads((tmp_path / "results.json").read_text())["outer_steps"] == 3
     assert out["final"] is not None
+
+
+def test_a_failing_tracker_warns_once_and_the_others_carry_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, untracked: dict[str, Any]
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the CSV logger wants its directory")
+    cfg = metahpo.compose(
+        [*QUICK, "logger=[csv,tensorboard]", f"logger.csv.dir={blocked}"]
+        + [f"logger.tensorboard.dir={tmp_path / 'tb'}"]
+    )
+    out = metahpo.run(cfg, tmp_path / "run")
+    (warning,) = _warnings(caplog)
+    assert warning.startswith("CSV start failed (NotADirectoryError")
+    assert warning.endswith(
+        f"CSV logging is off for the rest of this run, results stay in {tmp_path / 'run'}"
+    )
+    _check_intact(tmp_path / "run", out, untracked)
+    (events,) = (tmp_path / "tb").glob("forward-quadratic-s0/events.out.tfevents.*")
+    assert events.stat().st_size > 0
