@@ -138,6 +138,12 @@ def _one_line(error: Exception, overrides: list[str]) -> ConfigError:
         top = parent.split(".")[0]
         plugin = leaf and (top in ("task", "estimator") or (top == "logger" and "." in parent))
         hint = f" (an argument the class accepts but the file omits: +{key}=...)" if plugin else ""
+        if parent == "logger":  # the flat keys of before the logger group
+            first = known.split(", ")[0] if known else "<tracker>"
+            hint = f" (a tracker's keys are logger.<tracker>.<key>: logger.{first}.{leaf}=...)"
+            if not known:
+                hint += "; no tracker is selected: logger=wandb, tensorboard, csv or a list"
+        known = known or "none"
         return ConfigError(f"{key} is not a key of this config; keys{where}: {known}{hint}")
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return ConfigError(f"could not compose the config: {lines[0] if lines else type(error)}")

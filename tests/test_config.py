@@ -112,3 +112,25 @@ def test_claim_from_zero_is_claim_greedy_s_forward_arm() -> None:
     b = metahpo.compose(["experiment=claim_greedy", "estimator=forward"])
     assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
     assert all(a.schedule[n].init == 0.0 and a.schedule[n].learn for n in metahpo.HYPERPARAMETERS)
+
+
+def test_logger_keys_sit_under_their_tracker() -> None:
+    cases = {
+        ("logger=wandb", "logger.mode=offline"): (
+            "logger.mode is not a key of this config; keys under logger: wandb (a tracker's "
+            "keys are logger.<tracker>.<key>: logger.wandb.mode=...)"
+        ),
+        ("logger.mode=offline",): (
+            "logger.mode is not a key of this config; keys under logger: none (a tracker's keys "
+            "are logger.<tracker>.<key>: logger.<tracker>.mode=...); no tracker is selected: "
+            "logger=wandb, tensorboard, csv or a list"
+        ),
+        ("logger=[csv,nope]",): "logger='nope' is unknown; allowed: csv, none, tensorboard, wandb",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            metahpo.compose(list(overrides))
+        assert str(err.value) == message
+    cfg = metahpo.compose(["logger=[wandb,tensorboard,csv]", "logger.csv.dir=/tmp/x"])
+    assert sorted(cfg.logger) == ["csv", "tensorboard", "wandb"]
+    assert cfg.logger.csv.dir == "/tmp/x"
