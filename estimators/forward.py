@@ -13,7 +13,8 @@ from torch.func import grad, jvp, vmap
 from metahpo import distributed
 from metahpo.core import Batch, ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter
-from metahpo.inner import FlatTask, InnerState, train
+from metahpo.inner import FlatTask, InnerState, Steps, train
+from metahpo.optim import State
 from metahpo.schedule import HyperSchedule
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
@@ -160,16 +161,18 @@ class ForwardMode:
     ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
-        table = schedule.table(dev, dt)
+        steps = Steps(flat, schedule)
         cols = Columns(schedule)
 
-        state = flat.init_state()
+        state = steps.init_state(flat)
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
-        Y = torch.zeros_like(Z)
+        S = tuple(torch.zeros_like(Z) for _ in state.opt_state)  # tangents of the state
+        onehot = torch.eye(len(cols), device=dev, dtype=dt)
+        learned = [k for k in schedule.keys if k in schedule.learned]
         key = _key(flat)
         if self.hvp == "auto" and key not in self._measured and len(cols):
             self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
-        hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
+        hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to step_fn
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
             a = cols.n_active(t)
@@ -183,23 +186,33 @@ class ForwardMode:
                 g = g.clamp(-self.clamp_grad, self.clamp_grad)
             return g
 
-        def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
+        def step_fn(t: int, st: InnerState, g: Tensor) -> tuple[Tensor, State]:
+            values = steps.values(t)
             a = cols.n_active(t)
             if a == 0:
-                return
-            # in place, no temporaries, and no device sync: the values stay 0-d tensors
-            lr, mu, wd = table["lr"][t], table["momentum"][t], table["weight_decay"][t]
-            Ya, Za = Y[:a], Z[:a]
-            Ya.mul_(mu).add_(hz[0]).addcmul_(Za, wd)
-            if (i := cols.in_force("momentum", t)) is not None:
-                Y[i].add_(old.velocity)
-            if (i := cols.in_force("weight_decay", t)) is not None:
-                Y[i].add_(old.theta)
-            Za.addcmul_(Ya, lr, value=-1)
-            if (i := cols.in_force("lr", t)) is not None:
-                Z[i].sub_(new.velocity)
+                return steps.step(t, st.theta, st.opt_state, g, values)
+            # d h_t / d column: 1 for the column of each key's segment in force, else 0
+            dvalues = tuple(onehot[:a, cols.in_force(k, t)] for k in learned)
 
-        state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
+            def update(theta: Tensor, opt_state: State, grad: Tensor, lv: tuple[Tensor, ...]):
+                return steps.step(
+                    t, theta, opt_state, grad, {**values, **dict(zip(learned, lv, strict=True))}
+                )
+
+            primals = (st.theta, st.opt_state, g, tuple(values[k] for k in learned))
+
+            def column(z: Tensor, zs: State, h: Tensor, dv: tuple[Tensor, ...]):
+                return jvp(update, primals, (z, zs, h, dv))
+
+            (theta, opt_state), (z, zs) = vmap(column, out_dims=(None, 0))(
+                Z[:a], tuple(s[:a] for s in S), hz[0], dvalues
+            )
+            Z[:a].copy_(z)
+            for s, new in zip(S, zs, strict=True):
+                s[:a].copy_(new)
+            return theta, opt_state
+
+        state = train(flat, steps, state, schedule.horizon, grad_fn=grad_fn, step_fn=step_fn)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
         grads = cols.grads(Z @ g_val)
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
+from metahpo.schedule import HyperSchedule, HyperSpec
 from tasks.digits import Digits
 from tasks.quadratic import Quadratic
 
