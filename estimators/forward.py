@@ -79,25 +79,27 @@ class Columns:
 class ForwardMode:
     """Exact d L_val(theta_T) / d h for every shared value h, by forward-mode differentiation.
 
-    Carries the tangents ``Z = d theta / d h`` and ``Y = d v / d h`` (one column per learned
-    shared value) alongside the inner run (docs/estimators.md has the recurrences)::
+    Works for any inner optimiser (:mod:`metahpo.optim`): it carries the tangents
+    ``Z = d theta / d h`` and ``S = d state / d h`` of the optimiser's state tensors (one column
+    per learned shared value) alongside the inner run, and per step (docs/estimators.md)::
 
-        Y <- mu Y + H Z + lambda Z + [h is mu's segment] v + [h is lambda's segment] theta
-        Z <- Z - alpha Y - [h is alpha's segment] v_new
+        HZ = H Z                                   (Hessian-vector products of started columns)
+        (Z, S) <- jvp(step, (theta, state, g, h_t), (Z, S, HZ, dh_t/dcolumn))   (vmap on columns)
 
     and returns ``grad L_val(theta_T) . Z_T``. Columns are ordered by the step their segment
     starts and a column is exactly zero before then, so step t only updates the prefix of
-    columns that have started (:class:`Columns`). ``Z`` and ``Y`` are two contiguous ``[C, P]``
-    buffers updated in place; the training gradient of a step comes out of the same call as its
-    Hessian-vector products.
+    columns that have started (:class:`Columns`). The training gradient of a step comes out of
+    the same call as its Hessian-vector products (:func:`propagate` does the rest).
 
     Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
     reproduce the clamps of the paper's code and make the result inexact.
-    Memory: ``2 C P`` numbers for C learned shared values and P parameters, constant in the
-    horizon T, plus the activations of one batched Hessian-vector product (``chunk_size``
-    columns at a time bounds it).
+    Memory: ``(1 + s) C P`` numbers for C learned shared values, P parameters and an optimiser
+    with s state tensors (SGD 1, Adam 2), constant in the horizon T, plus the activations of
+    one batched Hessian-vector product (``chunk_size`` columns at a time bounds it) and the
+    temporaries of the vmapped step (a few ``C_active P``).
     Compute: per step one gradient plus one Hessian-vector product per started column, i.e.
-    about ``T (1 + 2 C_active)`` gradient evaluations.
+    about ``T (1 + 2 C_active)`` gradient evaluations, plus the step's jvp (elementwise,
+    ``O(C_active P)``; docs/benchmarks.md measures it).
     Data-parallel (:mod:`metahpo.distributed`): each rank differentiates its shard; per step
     the gradient (P numbers) and the Hessian-vector products (``C_active P``) are averaged
     over ranks, once per run the validation gradient; tangents stay identical on every rank.
@@ -187,30 +189,12 @@ class ForwardMode:
             return g
 
         def step_fn(t: int, st: InnerState, g: Tensor) -> tuple[Tensor, State]:
-            values = steps.values(t)
             a = cols.n_active(t)
             if a == 0:
-                return steps.step(t, st.theta, st.opt_state, g, values)
+                return steps.step(t, st.theta, st.opt_state, g, steps.values(t))
             # d h_t / d column: 1 for the column of each key's segment in force, else 0
-            dvalues = tuple(onehot[:a, cols.in_force(k, t)] for k in learned)
-
-            def update(theta: Tensor, opt_state: State, grad: Tensor, lv: tuple[Tensor, ...]):
-                return steps.step(
-                    t, theta, opt_state, grad, {**values, **dict(zip(learned, lv, strict=True))}
-                )
-
-            primals = (st.theta, st.opt_state, g, tuple(values[k] for k in learned))
-
-            def column(z: Tensor, zs: State, h: Tensor, dv: tuple[Tensor, ...]):
-                return jvp(update, primals, (z, zs, h, dv))
-
-            (theta, opt_state), (z, zs) = vmap(column, out_dims=(None, 0))(
-                Z[:a], tuple(s[:a] for s in S), hz[0], dvalues
-            )
-            Z[:a].copy_(z)
-            for s, new in zip(S, zs, strict=True):
-                s[:a].copy_(new)
-            return theta, opt_state
+            dvalues = {k: onehot[:a, cols.in_force(k, t)] for k in learned}
+            return propagate(steps, t, st, g, Z[:a], tuple(s[:a] for s in S), hz[0], dvalues)
 
         state = train(flat, steps, state, schedule.horizon, grad_fn=grad_fn, step_fn=step_fn)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
@@ -250,6 +234,57 @@ class ForwardMode:
         mode, chunk = candidates[int(distributed.all_reduce_mean_(best).argmin())]
         self._measured_chunk[_key(flat)] = chunk
         return mode
+
+
+def propagate(
+    steps: Steps,
+    t: int,
+    st: InnerState,
+    g: Tensor,
+    Z: Tensor,
+    S: State,
+    HZ: Tensor,
+    dvalues: dict[str, Tensor],
+) -> tuple[Tensor, State]:
+    """The optimiser's step ``t`` and, in place, the tangents of the columns in ``Z``.
+
+    The step is a function ``(theta, state, grad, values) -> (theta', state')``; its ``jvp`` at
+    ``(st.theta, st.opt_state, g, values_t)`` with tangents ``(Z, S, HZ, dvalues)`` per column
+    (``vmap`` over the rows) gives ``(Z', S')``::
+
+        Z' = d theta'/d theta Z + d theta'/d state S + d theta'/d grad HZ + d theta'/d h dh
+        S' = (the same for the state)
+
+    Args:
+        Z: ``[a, P]`` tangents of the parameters (rows: started columns), updated in place.
+        S: the tangents of each state tensor, ``[a, P]`` each, updated in place.
+        HZ: ``[a, P]`` Hessian-vector products ``H Z`` (the tangent of the gradient).
+        dvalues: ``{key: [a]}`` the tangent of each learned key's value at step ``t`` (1 in the
+            column of its segment in force, else 0); keys not named are constants.
+
+    Returns:
+        The new parameters and optimiser state (the primal of the same call).
+    """
+    values = steps.values(t)
+    learned = list(dvalues)
+
+    def update(theta: Tensor, opt_state: State, grad: Tensor, lv: tuple[Tensor, ...]):
+        return steps.step(
+            t, theta, opt_state, grad, {**values, **dict(zip(learned, lv, strict=True))}
+        )
+
+    primals = (st.theta, st.opt_state, g, tuple(values[k] for k in learned))
+
+    def column(z: Tensor, zs: State, h: Tensor, dv: tuple[Tensor, ...]):
+        return jvp(update, primals, (z, zs, h, dv))
+
+    (theta, opt_state), (z, zs) = vmap(column, out_dims=(None, 0))(
+        Z, S, HZ, tuple(dvalues[k] for k in learned)
+    )
+    Z.copy_(z)
+    for s, new in zip(S, zs, strict=True):
+        s.copy_(new)
+    return theta, opt_state
 
 
 def grad_and_hvp(

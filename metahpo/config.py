@@ -328,7 +328,9 @@ def _validate_entry(
 
     seg_key, n = get("segments")
     if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= horizon):
-        raise ConfigError(f"{seg_key}={n!r} must be an integer from 1 to {horizon} (horizon)")
+        raise ConfigError(
+            f"{seg_key}={n!r} must be an integer from 1 to {horizon} (horizon={horizon})"
+        )
     b_key, bounds = get("bounds")
     if bounds is None:
         lo, hi = spec.bounds
@@ -343,7 +345,7 @@ def _validate_entry(
         if lo > hi:
             raise ConfigError(f"{b_key}=[{lo}, {hi}] has min > max")
         for b in (lo, hi):
-            optimizer.check_value(b_key, name, b)
+            optimizer.check_value(b_key, name, b, shown=[lo, hi])
     i_key, init = get("init")
     if init is None:
         init = spec.default
@@ -375,7 +377,9 @@ def _validate_baseline(cfg: DictConfig, optimizer: type[InnerOptimizer]) -> None
                 f"{where}.{name} is not a hyperparameter of the {optimizer.name} optimizer; "
                 f"allowed: {', '.join(optimizer.hyperparameters)}{hint}"
             )
-        _number(cfg, f"{where}.{name}")
+        spec = optimizer.hyperparameters[str(name)]
+        closed = math.isfinite(spec.low) and not spec.low_open
+        _number(cfg, f"{where}.{name}", low=spec.low if closed else None)
         optimizer.check_value(f"{where}.{name}", str(name), float(values[name]))
 
 

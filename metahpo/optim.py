@@ -37,7 +37,8 @@ class Hyperparameter:
     Attributes:
         default: its value when the schedule does not name it (torch's default).
         bounds: default search bounds ``[min, max]`` for a learned schedule.
-        low, high: the values the optimiser accepts; ``high_open``: ``high`` itself excluded.
+        low, high: the values the optimiser accepts; ``low_open`` / ``high_open``: the bound
+            itself excluded.
     """
 
     default: float
@@ -45,12 +46,14 @@ class Hyperparameter:
     low: float = -math.inf
     high: float = math.inf
     high_open: bool = False
+    low_open: bool = False
 
     def allows(self, v: float) -> bool:
-        return self.low <= v and (v < self.high if self.high_open else v <= self.high)
+        above = v > self.low if self.low_open else v >= self.low
+        return above and (v < self.high if self.high_open else v <= self.high)
 
     def domain(self) -> str:
-        lo = "" if self.low == -math.inf else f">= {self.low:g}"
+        lo = "" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
         hi = "" if self.high == math.inf else f"{'<' if self.high_open else '<='} {self.high:g}"
         return " and ".join(p for p in (lo, hi) if p) or "any number"
 
@@ -73,11 +76,13 @@ class InnerOptimizer:
         raise NotImplementedError
 
     @classmethod
-    def check_value(cls, key: str, name: str, value: float) -> None:
-        """Raise ConfigError naming ``key`` unless ``value`` is allowed for ``name``."""
+    def check_value(cls, key: str, name: str, value: float, shown: object = None) -> None:
+        """Raise ConfigError naming ``key`` (set to ``shown``, default ``value``) unless
+        ``value`` is allowed for ``name``."""
         spec = cls.hyperparameters[name]
         if not spec.allows(value):
-            raise ConfigError(f"{key}={value!r}: {cls.name}'s {name} must be {spec.domain()}")
+            shown = value if shown is None else shown
+            raise ConfigError(f"{key}={shown!r}: {cls.name}'s {name} must be {spec.domain()}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -162,7 +167,8 @@ class Adam(InnerOptimizer):
         "lr": _LR,
         "beta1": Hyperparameter(0.9, (0.0, 0.99), **_BETA),
         "beta2": Hyperparameter(0.999, (0.9, 0.9999), **_BETA),
-        "eps": Hyperparameter(1e-8, (0.0, 1e-3), low=0.0),
+        # eps > 0: at eps = 0 a coordinate whose gradient has always been 0 divides 0 by 0
+        "eps": Hyperparameter(1e-8, (1e-10, 1e-4), low=0.0, low_open=True),
         "weight_decay": _NONNEG,
     }
 
