@@ -158,7 +158,8 @@ class BaselineCache:
     """The baseline's per-seed retraining results on disk, shared by the jobs of a sweep.
 
     One JSON file per key: everything the result depends on (the resolved task config, horizon,
-    dtype, device, the baseline schedule's values, the seed, torch's version). A job takes an
+    dtype, device, the inner optimiser's config, the baseline schedule's values, the seed,
+    torch's version). A job takes an
     exclusive lock on the key before looking, so concurrent jobs (joblib, SLURM on a shared
     file system) compute each entry once; the file appears by an atomic rename.
     """
@@ -189,6 +190,9 @@ class BaselineCache:
             "horizon": int(cfg.horizon),
             "dtype": str(cfg.dtype),
             "device": str(task.device),
+            "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True)
+            if OmegaConf.select(cfg, "optimizer") is not None
+            else None,
             "baseline": baseline.to_dict(),
             "seed": int(seed),
             "torch": torch.__version__,

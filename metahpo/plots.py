@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from metahpo import results as results_lib  # noqa: E402
-from metahpo.schedule import HyperSchedule  # noqa: E402
+from metahpo.schedule import HyperSchedule, split_key  # noqa: E402
 
 LABELS = {"lr": "learning rate", "momentum": "momentum", "weight_decay": "weight decay"}
 BAND = 0.2  # opacity of a band over seeds
@@ -49,13 +49,17 @@ def plot_schedules(schedules: dict[str, HyperSchedule], path: Path, title: str =
     names = list(next(iter(schedules.values())).values) if schedules else []
     fig, axes = _panels(len(names))
     for ax, name in zip(axes[0], names, strict=False):
-        for label, sched in schedules.items():
+        for i, (label, sched) in enumerate(schedules.items()):
+            own = _baseline_key(sched, name)  # a baseline may have one key for all groups
+            if own is None:
+                continue
             style = {"color": "black", "ls": "--", "lw": 1} if label == "baseline" else {}
             ax.step(
                 range(sched.horizon),
-                sched.per_step(name).numpy(),
+                sched.per_step(own).numpy(),
                 where="post",
                 label=label,
+                color=style.pop("color", f"C{i}"),
                 **style,
             )
         ax.set_title(_label(name))
@@ -235,10 +239,11 @@ def plot_schedule_comparison(
                     )
         for j, baseline in enumerate(baselines.values()):
             for ax, name in zip(row, names, strict=False):
-                if name in baseline.values:
+                own = _baseline_key(baseline, name)
+                if own is not None:
                     ax.step(
                         range(baseline.horizon),
-                        baseline.per_step(name).numpy(),
+                        baseline.per_step(own).numpy(),
                         where="post",
                         color="black",
                         ls="--",
@@ -253,6 +258,15 @@ def plot_schedule_comparison(
             ax.grid(alpha=0.3)
     _legend_outside(fig, axes[0][0])
     return _save(fig, path, title)
+
+
+def _baseline_key(baseline: HyperSchedule, key: str) -> str | None:
+    """A schedule's key for another's key: the same, or for a group's key (``lr/conv``) the
+    hyperparameter's one key (``lr``); None when it has neither."""
+    for own in (key, split_key(key)[0]):
+        if own in baseline.values:
+            return own
+    return None
 
 
 def _tasks(runs: Mapping[str, Sequence[dict[str, Any]]]) -> list[str]:
