@@ -113,6 +113,19 @@ def test_forward_equals_exact_reverse_and_unrolled_reference(opt, sharing, init)
         assert float(fwd.grads[key].abs().max()) > 0, key
 
 
+@pytest.mark.parametrize("sharing", [1, 3, "T"])
+@pytest.mark.parametrize("init", ["nonzero", "zero", "zero_mom_wd"])
+def test_sgd_fast_path_equals_the_generic_tangents(sharing, init) -> None:
+    """Plain SGD's hand-written recurrence (the default) and the generic jvp of its step."""
+    task = small_digits()
+    schedule = make_schedule(HORIZON, sharing, init, seed=6)
+    fast = ForwardMode().hypergradient(task, schedule)
+    generic = ForwardMode(tangents="generic").hypergradient(task, schedule)
+    assert (fast.metrics["tangents"], generic.metrics["tangents"]) == ("sgd", "generic")
+    assert fast.meta_loss == generic.meta_loss
+    assert_grads_close(fast.grads, generic.grads, rtol=1e-12)
+
+
 @pytest.mark.parametrize(("opt", "sharing", "init"), CASES)
 def test_forward_matches_central_differences(opt, sharing, init) -> None:
     task = small_digits()
