@@ -98,10 +98,11 @@ class SGD(InnerOptimizer):
     ``d = g + wd theta``, ``v' = mu v + d``, ``theta' = theta - lr (d + mu v')`` with Nesterov,
     else ``theta' = theta - lr v'`` (bit for bit the closed core's ``sgd_step`` without
     Nesterov, so SGD runs reproduce earlier figures exactly); ``v = 0`` before the first step
-    (torch's first step sets its buffer to ``d``, the same thing). One deliberate difference: at a step whose momentum is
-    exactly 0 torch leaves its buffer untouched (a later non-zero momentum resumes the stale
-    buffer), which makes the update discontinuous in momentum at 0. Here the update is the
-    continuous form, so the trajectories agree whenever momentum is never 0, or always 0.
+    (torch's first step sets its buffer to ``d``, the same thing). One deliberate difference:
+    at a step whose momentum is exactly 0 torch leaves its buffer untouched (a later non-zero
+    momentum resumes the stale buffer), which makes the update discontinuous in momentum at 0.
+    Here the update is the continuous form, so the trajectories agree whenever momentum is never
+    0, or always 0.
 
     State: ``(velocity,)``.
     """
