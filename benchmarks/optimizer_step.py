@@ -9,9 +9,9 @@ column active, as at the end of a run), interleaved, median over repeats:
 * ``generic``: forward mode's step, i.e. the gradient with the Hessian-vector products of the C
   columns (:func:`estimators.forward.grad_and_hvp`, ``rev_rev``) and the jvp of the optimiser's
   step vmapped over the columns (:func:`estimators.forward.propagate`), as ForwardMode runs it;
-* ``specialised`` (SGD only): the same Hessian-vector products, then the closed core's
-  hand-written SGD tangent recurrence, in place (:func:`sgd_recurrence`, kept here only to
-  measure the generic path against it);
+* ``specialised`` (SGD only): the same Hessian-vector products, then the hand-written SGD
+  tangent recurrence, in place (:func:`estimators.forward.sgd_propagate`, ForwardMode's fast
+  path for plain SGD);
 * ``update_generic`` / ``update_specialised``: the tangent update alone (no gradient, no HVP).
 
 Tasks: the MLP 64-128-10 on digits (batch 128) and LeNet-5 on random MNIST-shaped batches
@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from benchmarks.workloads import _synthetic
-from estimators.forward import grad_and_hvp, propagate
+from estimators.forward import grad_and_hvp, propagate, sgd_propagate
 from metahpo.inner import FlatTask, InnerState, Steps
 from metahpo.optim import SGD, AdamW, InnerOptimizer
 from metahpo.schedule import HyperSchedule, HyperSpec
@@ -44,28 +43,6 @@ VALUES = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
     "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2},
 }
-
-
-def sgd_recurrence(
-    steps: Steps, t: int, st: InnerState, g: Tensor, Z: Tensor, Y: Tensor, HZ: Tensor, cols: dict
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The closed core's SGD tangent update (in place), for comparison only::
-
-    Y <- mu Y + H Z + wd Z + [mu's column] v + [wd's column] theta
-    Z <- Z - lr Y - [lr's column] v_new
-    """
-    values = steps.values(t)
-    lr, mu, wd = values["lr"], values["momentum"], values["weight_decay"]
-    theta, (v,) = steps.step(t, st.theta, st.opt_state, g, values)
-    Y.mul_(mu).add_(HZ).addcmul_(Z, wd)
-    if "momentum" in cols:
-        Y[cols["momentum"]].add_(st.opt_state[0])
-    if "weight_decay" in cols:
-        Y[cols["weight_decay"]].add_(st.theta)
-    Z.addcmul_(Y, lr, value=-1)
-    if "lr" in cols:
-        Z[cols["lr"]].sub_(v)
-    return theta, (v,)
 
 
 def _setup(task, optimizer: InnerOptimizer, name: str, C: int):
@@ -116,10 +93,10 @@ def measure(task, name: str, C: int, repeats: int) -> dict[str, float]:
 
         def specialised() -> None:
             g, hz = grad_and_hvp("rev_rev", flat, st, batch, Z)
-            sgd_recurrence(steps, t, st, g, Z.clone(), S[0].clone(), hz, cols)
+            sgd_propagate(steps, t, st, g, Z.clone(), S[0].clone(), hz, cols)
 
         def update_specialised() -> None:
-            sgd_recurrence(steps, t, st, HZ[0], Z.clone(), S[0].clone(), HZ, cols)
+            sgd_propagate(steps, t, st, HZ[0], Z.clone(), S[0].clone(), HZ, cols)
 
         fns.update(specialised=specialised, update_specialised=update_specialised)
     times: dict[str, list[float]] = {k: [] for k in fns}

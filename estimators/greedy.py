@@ -43,7 +43,7 @@ class Greedy:
     non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
     whose schedule moved during it (so it is the loss of neither the starting nor the final
     schedule run plainly). A value is updated only while its segment is in force, so use few
-    segments (one per type is classic online learning); with one segment per step each value
+    segments (one per key is classic online learning); with one segment per step each value
     is stepped once per run.
     Memory: the graph of one window, O(W (P + activations)), constant in the horizon.
     Compute: every step is taken once with ``create_graph``, plus one validation loss and one

@@ -8,7 +8,7 @@ writes into ``--out``:
 - ``report.csv``: one row per run; ``summary.csv``: one row per estimator and task, with the
   mean and spread of every number;
 - ``meta_loss.png``: meta-loss against outer step and against time, per estimator;
-- ``schedules.png``: the learned schedules overlaid, per hyperparameter type.
+- ``schedules.png``: the learned schedules overlaid, per hyperparameter.
 
 Two spreads, never mixed: over the outer-loop seeds (``seed``: a whole run again, from a new
 initial state of the outer loop) and over the final seeds (``final.seeds``: the retraining of a

@@ -113,6 +113,19 @@ def test_forward_equals_exact_reverse_and_unrolled_reference(opt, sharing, init)
         assert float(fwd.grads[key].abs().max()) > 0, key
 
 
+@pytest.mark.parametrize("sharing", [1, 3, "T"])
+@pytest.mark.parametrize("init", ["nonzero", "zero", "zero_mom_wd"])
+def test_sgd_fast_path_equals_the_generic_tangents(sharing, init) -> None:
+    """Plain SGD's hand-written recurrence (the default) and the generic jvp of its step."""
+    task = small_digits()
+    schedule = make_schedule(HORIZON, sharing, init, seed=6)
+    fast = ForwardMode().hypergradient(task, schedule)
+    generic = ForwardMode(tangents="generic").hypergradient(task, schedule)
+    assert (fast.metrics["tangents"], generic.metrics["tangents"]) == ("sgd", "generic")
+    assert fast.meta_loss == generic.meta_loss
+    assert_grads_close(fast.grads, generic.grads, rtol=1e-12)
+
+
 @pytest.mark.parametrize(("opt", "sharing", "init"), CASES)
 def test_forward_matches_central_differences(opt, sharing, init) -> None:
     task = small_digits()
@@ -141,6 +154,24 @@ def test_per_layer_groups_are_exact(opt: str, init: str) -> None:
     )
     assert_grads_close(fwd.grads, unrolled_reference(task, schedule)[1], 1e-10)
     assert_grads_close(fwd.grads, central_differences(task, schedule, CD_STEP), 1e-6)
+
+
+@pytest.mark.parametrize("opt", ["sgd_nesterov", "adamw"])
+def test_greedy_and_truncated_windows_carry_the_optimiser_state(opt: str) -> None:
+    """Greedy over one window of the whole run is the exact hypergradient; truncated reverse
+    over the last 2 steps equals exact reverse of a run whose first steps are constants: the
+    optimiser's state crosses the window boundary."""
+    from estimators.greedy import Greedy
+
+    task = small_digits()
+    schedule = make_schedule(HORIZON, HORIZON, seed=7, optimizer=OPTIMIZERS[opt]())
+    exact = ExactReverse().hypergradient(task, schedule)
+    greedy = Greedy(W=HORIZON, update="gradient", step_size={"default": 1e-3})
+    assert_grads_close(greedy.hypergradient(task, schedule).grads, exact.grads, 1e-10)
+    trunc = TruncatedReverse(K=2).hypergradient(task, schedule)
+    for key in schedule.learned:  # per-step values: the last two segments are exact
+        torch.testing.assert_close(trunc.grads[key][-2:], exact.grads[key][-2:], rtol=1e-10, atol=0)
+        assert float(trunc.grads[key][:-2].abs().max()) == 0.0
 
 
 def test_groups_with_equal_values_are_the_ungrouped_run() -> None:
@@ -275,6 +306,7 @@ def test_a_users_optimiser_is_differentiated_by_every_exact_estimator() -> None:
         ),
         (["optimizer._target_=metahpo.outer.SGD"], r"is not a metahpo\.optim\.InnerOptimizer$"),
         (["optimizer.nesterov=maybe"], r"^optimizer\.nesterov='maybe' must be true or false$"),
+        (["optimizer=nope"], r"^optimizer='nope' is unknown; allowed: adam, adamw, sgd$"),
     ],
 )
 def test_bad_input_is_one_line_before_training(
