@@ -136,3 +136,19 @@ def test_offload_stores_states_on_the_cpu_with_the_same_result() -> None:
     b = CheckpointedReverse(stretch=5).hypergradient(task, schedule)
     for n in a.grads:
         assert torch.equal(a.grads[n], b.grads[n])
+
+
+def test_benchmark_script_runs_and_agrees(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """benchmarks/checkpointed.py at its smallest: the table is written and the three exact
+    estimators agree (float32)."""
+    import json
+
+    from benchmarks.checkpointed import main
+
+    main(["--horizons", "6", "--columns", "1", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "checkpointed.json").read_text())["rows"]
+    assert row["T"] == 6 and row["stretch"] == 2
+    for name in ("exact_reverse", "checkpointed", "budgeted"):
+        assert row[f"{name}_vs_forward"] < 1e-4
+    assert row["auto"] in ("forward", "exact_reverse", "checkpointed_reverse")
+    assert "| 6 | 1 |" in (tmp_path / "checkpointed.md").read_text()
