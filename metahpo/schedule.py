@@ -73,7 +73,8 @@ class HyperSchedule:
         self.horizon = int(horizon)
         self.optimizer = optimizer if optimizer is not None else SGD()
         self.groups = {
-            str(n): {str(g): tuple(p) for g, p in gs.items()} for n, gs in (groups or {}).items()
+            str(n): {str(g): (p,) if isinstance(p, str) else tuple(p) for g, p in gs.items()}
+            for n, gs in (groups or {}).items()
         }
         self.specs = dict(specs)
         _check_keys(self.specs, self.optimizer, self.groups)
