@@ -21,12 +21,14 @@ from metahpo.core import ConfigError, Hypergradient, HypergradientEstimator, Tas
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
 
-#: Seconds per inner step relative to a plain training step (one gradient), measured side by
-#: side on digits (benchmarks/checkpointed.py, docs/estimators.md): forward mode costs about
-#: ``1 + FORWARD_PER_COLUMN`` per started column, exact reverse ``REVERSE``, and checkpointed
-#: reverse exact reverse's plus one plain step per recomputed step.
-FORWARD_PER_COLUMN = 0.65
-REVERSE = 3.5
+#: Seconds per inner step in units of a plain training step, measured side by side on the
+#: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward
+#: mode ``1 + FORWARD_PER_COLUMN`` per started column, exact reverse ``REVERSE``, checkpointed
+#: reverse exact reverse's plus ``RECOMPUTE`` per recomputed step. Counting gradient
+#: evaluations instead (forward 1 + 2 C, reverse 4) puts the crossover at the same 1.5 columns.
+FORWARD_PER_COLUMN = 0.33
+REVERSE = 1.5
+RECOMPUTE = 0.6
 
 
 @dataclass
@@ -94,7 +96,7 @@ def choose(
     }
     k = stretch_for_budget(T, budget, state, per_step)
     if k is not None:
-        cost["checkpointed_reverse"] = REVERSE * T + (T - k)
+        cost["checkpointed_reverse"] = REVERSE * T + RECOMPUTE * (T - k)
         memory["checkpointed_reverse"] = memory_estimate(T, k, state, per_step)
     if not exact_reverse:
         del cost["exact_reverse"], memory["exact_reverse"]

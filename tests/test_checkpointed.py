@@ -145,7 +145,7 @@ def test_benchmark_script_runs_and_agrees(tmp_path) -> None:  # type: ignore[no-
 
     from benchmarks.checkpointed import main
 
-    main(["--horizons", "6", "--columns", "1", "--out", str(tmp_path)])
+    main(["--horizons", "6", "--columns", "1", "--repeats", "1", "--out", str(tmp_path)])
     (row,) = json.loads((tmp_path / "checkpointed.json").read_text())["rows"]
     assert row["T"] == 6 and row["stretch"] == 2
     for name in ("exact_reverse", "checkpointed", "budgeted"):
