@@ -96,11 +96,13 @@ class SGD(InnerOptimizer):
     """``torch.optim.SGD`` (dampening 0): lr, momentum and weight decay, optionally Nesterov.
 
     ``d = g + wd theta``, ``v' = mu v + d``, ``theta' = theta - lr (d + mu v')`` with Nesterov,
-    else ``theta' = theta - lr v'``; ``v = 0`` before the first step (torch's first step sets
-    its buffer to ``d``, the same thing). One deliberate difference: at a step whose momentum is
-    exactly 0 torch leaves its buffer untouched (a later non-zero momentum resumes the stale
-    buffer), which makes the update discontinuous in momentum at 0. Here the update is the
-    continuous form, so the trajectories agree whenever momentum is never 0, or always 0.
+    else ``theta' = theta - lr v'`` (bit for bit the closed core's ``sgd_step`` without
+    Nesterov, so SGD runs reproduce earlier figures exactly); ``v = 0`` before the first step
+    (torch's first step sets its buffer to ``d``, the same thing). One deliberate difference:
+    at a step whose momentum is exactly 0 torch leaves its buffer untouched (a later non-zero
+    momentum resumes the stale buffer), which makes the update discontinuous in momentum at 0.
+    Here the update is the continuous form, so the trajectories agree whenever momentum is never
+    0, or always 0.
 
     State: ``(velocity,)``.
     """
@@ -124,10 +126,11 @@ class SGD(InnerOptimizer):
         self, theta: Tensor, state: State, grad: Tensor, h: Mapping[str, Tensor], count: int
     ) -> tuple[Tensor, State]:
         (v,) = state
-        mu = h["momentum"]
-        d = grad + h["weight_decay"] * theta
-        v = mu * v + d
-        update = d + mu * v if self.nesterov else v
+        mu, wd = h["momentum"], h["weight_decay"]
+        # mu v + g + wd theta, summed in this order (the closed core's, so runs reproduce its
+        # figures bit for bit); torch sums mu v + (g + wd theta): equal to rounding (1e-16)
+        v = mu * v + grad + wd * theta
+        update = grad + wd * theta + mu * v if self.nesterov else v
         return theta - h["lr"] * update, (v,)
 
     def __repr__(self) -> str:

@@ -306,6 +306,7 @@ def test_a_users_optimiser_is_differentiated_by_every_exact_estimator() -> None:
         ),
         (["optimizer._target_=metahpo.outer.SGD"], r"is not a metahpo\.optim\.InnerOptimizer$"),
         (["optimizer.nesterov=maybe"], r"^optimizer\.nesterov='maybe' must be true or false$"),
+        (["optimizer=nope"], r"^optimizer='nope' is unknown; allowed: adam, adamw, sgd$"),
     ],
 )
 def test_bad_input_is_one_line_before_training(
