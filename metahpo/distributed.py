@@ -218,7 +218,8 @@ def check(task: Task, estimator: HypergradientEstimator, name: str) -> None:
         return
     if not getattr(estimator, "data_parallel", False):
         raise ConfigError(
-            f"estimator={name} does not support data-parallel runs ({w} ranks); use "
-            "forward, truncated_reverse or greedy (an estimator opts in with data_parallel = True)"
+            f"estimator={name} does not support data-parallel runs ({w} ranks); use forward, "
+            "checkpointed_reverse, auto, truncated_reverse or greedy (an estimator opts in with "
+            "data_parallel = True)"
         )
     shard(task.batch(0))

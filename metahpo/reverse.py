@@ -10,6 +10,11 @@ table is an indexing of the shared values (:meth:`HyperSchedule.per_step`).
 Memory: the window's graph, i.e. O(window length x (P + activations of one step and of its
 double backward)); nothing is stored for the steps before the window.
 
+A window can also continue a reverse sweep (checkpointed reverse mode): given the *adjoint* of
+the state at its end (d L_val / d(theta, optimiser state) after step ``stop - 1``) instead of
+the validation loss, it backpropagates that adjoint, and with ``carry`` it also returns the
+adjoint of the state at its start, for the window before it.
+
 Data-parallel (:mod:`metahpo.distributed`): every step's gradient is averaged over ranks with
 :func:`~metahpo.distributed.all_reduce_mean`, whose backward averages the vector-Jacobian
 products over ranks too, and the window's hypergradient is averaged once at the end: exactly
@@ -27,7 +32,11 @@ from torch import Tensor
 from metahpo import distributed
 from metahpo.core import Batch, ConfigError
 from metahpo.inner import FlatTask, InnerState, Steps, train
+from metahpo.optim import State
 from metahpo.schedule import HyperSchedule
+
+#: Adjoint of an inner state: ``(d/d theta, *d/d optimiser state)``, each shaped like theta.
+Adjoint = tuple[Tensor, ...]
 
 
 @dataclass
@@ -36,15 +45,19 @@ class Window:
 
     Attributes:
         state: the inner state after the window, detached from the graph.
-        meta_loss: validation loss after the window.
+        meta_loss: validation loss after the window (NaN for a window given an adjoint).
         grads: per key, float64 CPU ``[n_segments]``: d(meta_loss)/d(shared value) with the
-            state at the window's start held constant; zeros for fixed keys and for segments
-            the window does not touch.
+            state at the window's start held constant (given an adjoint: the adjoint's
+            contraction with d(state at the end)/d(shared value)); zeros for fixed keys and
+            for segments the window does not touch.
+        adjoint: with ``carry``, the adjoint of the state at the window's start (this rank's
+            local adjoint in a data-parallel run, see :mod:`metahpo.distributed`); else None.
     """
 
     state: InnerState
     meta_loss: float
     grads: dict[str, Tensor]
+    adjoint: Adjoint | None = None
 
 
 def check_window(key: str, value: object, horizon: int | None = None) -> int:
@@ -75,15 +88,25 @@ def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) 
 
 
 def window_hypergradient(
-    flat: FlatTask, schedule: HyperSchedule, state: InnerState, stop: int
+    flat: FlatTask,
+    schedule: HyperSchedule,
+    state: InnerState,
+    stop: int,
+    *,
+    adjoint: Adjoint | None = None,
+    carry: bool = False,
 ) -> Window:
     """Run steps ``state.step .. stop-1`` differentiably and backpropagate the validation loss.
 
     Args:
         flat: the task, flattened.
         schedule: the values in force (only its learned keys are differentiated).
-        state: the window's start, treated as a constant (its graph, if any, is cut).
+        state: the window's start (its graph, if any, is cut).
         stop: the step to stop before.
+        adjoint: backpropagate this adjoint of the state at ``stop`` instead of the gradient
+            of the validation loss there (which is then not computed).
+        carry: differentiate with respect to the start state as well and return its adjoint
+            in :attr:`Window.adjoint` (buffers are not differentiated, as everywhere).
 
     Raises:
         DivergenceError: inner training diverged inside the window.
@@ -94,6 +117,13 @@ def window_hypergradient(
     }
     steps = Steps(flat, schedule, values=leaves)
     start = state.detached()
+    if carry:
+        start = InnerState(
+            start.theta.clone().requires_grad_(True),
+            _leaves(start.opt_state),
+            start.buffers,
+            start.step,
+        )
     with torch.enable_grad():
         end = train(
             flat,
@@ -102,12 +132,33 @@ def window_hypergradient(
             stop,
             grad_fn=lambda t, st, batch: grad_with_graph(flat, t, st, batch),
         )
-        meta, g_val = flat.val_loss_and_grad(end.theta, end.buffers)
-        got: tuple[Tensor | None, ...] = (None,) * len(leaves)
-        if end.theta.requires_grad:  # else no value in force touched the window's run
-            got = torch.autograd.grad(end.theta, list(leaves.values()), g_val, allow_unused=True)
+        if adjoint is None:
+            meta, g_val = flat.val_loss_and_grad(end.theta, end.buffers)
+            pairs = [(end.theta, g_val)]
+        else:
+            meta = float("nan")
+            pairs = list(zip((end.theta, *end.opt_state), adjoint, strict=True))
+        pairs = [(out, a) for out, a in pairs if out.requires_grad]
+        inputs = list(leaves.values())
+        if carry:
+            inputs += [start.theta, *start.opt_state]
+        got: tuple[Tensor | None, ...] = (None,) * len(inputs)
+        if pairs:  # else no value in force touched the window's run
+            outs, seeds = zip(*pairs, strict=True)
+            got = torch.autograd.grad(outs, inputs, seeds, allow_unused=True)
     grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
-    for name, g in zip(leaves, got, strict=True):
+    for name, g in zip(leaves, got[: len(leaves)], strict=True):
         if g is not None:  # the same on every rank: the graphs have the same shape
             grads[name] = distributed.all_reduce_mean_(g.detach()).to(torch.float64)
-    return Window(end.detached(), meta, grads)
+    carried = None
+    if carry:
+        starts = (start.theta, *start.opt_state)
+        carried = tuple(
+            torch.zeros_like(x) if g is None else g.detach()
+            for x, g in zip(starts, got[len(leaves) :], strict=True)
+        )
+    return Window(end.detached(), meta, grads, carried)
+
+
+def _leaves(opt_state: State) -> State:
+    return tuple(s.clone().requires_grad_(True) for s in opt_state)

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 import metahpo
+from estimators.checkpointed_reverse import CheckpointedReverse
 from estimators.exact_reverse import ExactReverse
 from estimators.forward import ForwardMode
 from estimators.greedy import Greedy
@@ -108,6 +109,7 @@ def _pieces(rank: int) -> dict[str, Any]:
         ("forward_fwd_rev_chunked", ForwardMode(hvp="fwd_rev", chunk_size=4)),
         ("forward_auto", ForwardMode(hvp="auto")),  # ranks must time to the same choice
         ("truncated", TruncatedReverse(K=5)),
+        ("checkpointed", CheckpointedReverse(stretch=4)),  # local adjoints carried over
         ("greedy", Greedy(W=4, update="gradient")),
     ):
         hg = est.hypergradient(task, schedule)
@@ -155,7 +157,8 @@ def test_two_ranks_equal_one_process_piece_by_piece(tmp_path: Path) -> None:
         assert torch.equal(got["batch"][0], x[16 * r : 16 * (r + 1)])
         assert torch.equal(got["batch"][1], y[16 * r : 16 * (r + 1)])
     # every estimator's hypergradient equals the one-process one; the ranks agree bit for bit
-    for name in ("forward", "forward_fwd_rev_chunked", "forward_auto", "truncated", "greedy"):
+    every = ("forward", "forward_fwd_rev_chunked", "forward_auto", "truncated", "checkpointed")
+    for name in (*every, "greedy"):
         loss, grads, moved = single[name]
         for got in ranks:
             assert got[name][0] == pytest.approx(loss, rel=RTOL)

@@ -1,0 +1,150 @@
+"""Forward mode, exact reverse and checkpointed reverse side by side: seconds and peak memory.
+
+``python -m benchmarks.checkpointed [--horizons 200 800] [--columns 1 10 30] [--out DIR]``
+
+On the digits MLP (64-128-10, batch 128, float32, CPU, one thread), for every horizon and
+number of learned columns: a plain training run (the denominator of the time ratios), forward
+mode, exact reverse (higher), checkpointed reverse at its default stretch round(sqrt(T)) and at
+a memory budget of a quarter of exact reverse's measured peak, and what ``estimator=auto``
+picks with no budget and with that budget. Every figure comes from one run in one process, one
+method after the other (CostMeter: wall time and sampled peak heap above the start; the least
+time and the largest peak over ``--repeats`` runs of each, as the machine may be shared). The
+hypergradients of the three exact estimators are compared as well (max relative difference).
+Writes ``checkpointed.json`` and a markdown table to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from estimators.auto import Auto
+from estimators.checkpointed_reverse import CheckpointedReverse
+from estimators.exact_reverse import ExactReverse
+from estimators.forward import ForwardMode
+from metahpo.device import CostMeter
+from metahpo.inner import fit
+from metahpo.schedule import HyperSchedule, HyperSpec
+from tasks.digits import Digits
+
+VALUES = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
+# learned columns -> segments per type (lr, momentum, weight decay; 0: fixed, one segment)
+COLUMNS = {1: (1, 0, 0), 10: (6, 2, 2), 30: (20, 5, 5)}
+MIB = 2**20
+
+
+def schedule(horizon: int, columns: int) -> HyperSchedule:
+    specs = {
+        n: HyperSpec(s, (0.0, 1.0)) if s else HyperSpec(1, (0.0, 1.0), learn=False)
+        for n, s in zip(VALUES, COLUMNS[columns], strict=True)
+    }
+    return HyperSchedule(horizon, specs, VALUES)
+
+
+REPEATS = [1]  # set by --repeats
+
+
+def metered(fn: Any) -> tuple[Any, float, float]:
+    """Result, least seconds and largest peak MiB over ``REPEATS[0]`` runs (the machine is
+    shared: the least time is the one least disturbed)."""
+    seconds, peak = [], []
+    for _ in range(REPEATS[0]):
+        with CostMeter(torch.device("cpu")) as cost:
+            out = fn()
+        seconds.append(cost.seconds)
+        peak.append(cost.peak / MIB)
+    return out, min(seconds), max(peak)
+
+
+def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)) for n in b)
+
+
+def cell(task: Digits, horizon: int, columns: int, reverse: dict[str, Any]) -> dict[str, Any]:
+    s = schedule(horizon, columns)
+    row: dict[str, Any] = {"T": horizon, "columns": columns}
+    _, row["plain_s"], row["plain_mb"] = metered(lambda: fit(task, s))
+    fwd, row["forward_s"], row["forward_mb"] = metered(lambda: ForwardMode().hypergradient(task, s))
+    for name, make in (
+        ("exact_reverse", ExactReverse),
+        ("checkpointed", CheckpointedReverse),
+    ):
+        hg, row[f"{name}_s"], row[f"{name}_mb"] = metered(
+            lambda make=make: make().hypergradient(task, s)
+        )
+        row[f"{name}_vs_forward"] = rel(hg.grads, fwd.grads)
+        if name == "checkpointed":
+            row["stretch"] = hg.metrics["stretch"]
+    budget = max(1.0, row["exact_reverse_mb"] / 4)
+    reverse.setdefault(horizon, budget)  # one budget per horizon (from its first cell)
+    budget = reverse[horizon]
+    est = CheckpointedReverse(memory_mb=budget)
+    hg, row["budgeted_s"], row["budgeted_mb"] = metered(lambda: est.hypergradient(task, s))
+    row["budget_mb"], row["budgeted_stretch"] = budget, hg.metrics["stretch"]
+    row["budgeted_vs_forward"] = rel(hg.grads, fwd.grads)
+    for label, mb in (("auto", None), ("auto_budget", budget)):
+        choice, _ = Auto(memory_mb=mb).pick(task, s)
+        row[label] = choice.name
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| T | cols | plain s | forward s (x plain) | exact rev. s | ckpt s (k) | ckpt/exact | "
+        "forward MiB | exact MiB | ckpt MiB | budget MiB: ckpt MiB, s (k) | fastest "
+        "| auto | auto in budget |\n|" + "---|" * 14
+    )
+    lines = [head]
+    for r in rows:
+        times = {
+            "forward": r["forward_s"],
+            "exact_reverse": r["exact_reverse_s"],
+            "checkpointed_reverse": r["checkpointed_s"],
+        }
+        lines.append(
+            f"| {r['T']} | {r['columns']} | {r['plain_s']:.2f} | {r['forward_s']:.2f} "
+            f"({r['forward_s'] / r['plain_s']:.1f}x) | {r['exact_reverse_s']:.2f} | "
+            f"{r['checkpointed_s']:.2f} ({r['stretch']}) | "
+            f"{r['checkpointed_s'] / r['exact_reverse_s']:.2f} | {r['forward_mb']:.1f} | "
+            f"{r['exact_reverse_mb']:.1f} | {r['checkpointed_mb']:.1f} | {r['budget_mb']:.1f}: "
+            f"{r['budgeted_mb']:.1f}, {r['budgeted_s']:.2f} ({r['budgeted_stretch']}) | "
+            f"{min(times, key=times.__getitem__)} | {r['auto']} | {r['auto_budget']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--horizons", type=int, nargs="+", default=[200, 800])
+    p.add_argument("--columns", type=int, nargs="+", default=list(COLUMNS), choices=COLUMNS)
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (least time)")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/checkpointed"))
+    args = p.parse_args(argv)
+    REPEATS[0] = args.repeats
+    torch.set_num_threads(1)
+    task = Digits(hidden=(128,), batch_size=128)
+    fit(task, schedule(20, 1))  # warm-up
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    budgets: dict[str, Any] = {}
+    for horizon in args.horizons:
+        for columns in sorted(args.columns, reverse=True):
+            rows.append(cell(task, horizon, columns, budgets))
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter() - started
+    (args.out / "checkpointed.json").write_text(
+        json.dumps({"rows": rows, "seconds": total, "repeats": args.repeats}, indent=1)
+    )
+    (args.out / "checkpointed.md").write_text(table(rows))
+    print(table(rows))
+    print(f"total {total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
