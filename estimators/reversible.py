@@ -82,9 +82,7 @@ class InfoBuffer:
         if not len(self.limbs):
             return torch.zeros(self.limbs.shape[1], dtype=torch.float64)
         nz = self.limbs != 0
-        top = torch.where(
-            nz.any(0), len(self.limbs) - 1 - nz.flip(0).to(torch.int8).argmax(0), -1
-        )
+        top = torch.where(nz.any(0), len(self.limbs) - 1 - nz.flip(0).to(torch.int8).argmax(0), -1)
         limb = self.limbs.gather(0, top.clamp(min=0).unsqueeze(0)).squeeze(0).to(torch.float64)
         length = torch.where(limb > 0, torch.floor(torch.log2(limb.clamp(min=1))) + 1, 0.0)
         return torch.where(top >= 0, top * LIMB_BITS + length, 0.0).cpu()
@@ -227,7 +225,7 @@ class Reversible:
             n = self._numerator(steps, values)
             if bool((n < store_n).any()):
                 stored.append(V)
-                V = torch.div(V, den, rounding_mode="floor") * n  # any rounding: V_t is kept
+                V = _product(V, n, den)[0]  # rounded like the buffered steps; V_t is kept
             else:
                 V = self._mul(buf, V, n, den)
                 bound_bits += float(torch.log2(den / n.to(torch.float64)).mean())
@@ -272,6 +270,8 @@ class Reversible:
             w_bar = w_bar + hvp(g_bar)
             for k, hb in zip(learned, h_bar, strict=True):
                 per_step[k][t] = float(hb)
+        self.recovered = (W, V, W0)  # for the tests: what the reverse sweep ended at
+        self.recovered_final = self._f(ints["W"], dt)
         if not (torch.equal(W, W0) and not bool(V.any()) and not bool(buf.limbs.any())):
             raise DivergenceError(
                 "estimator=reversible: the reverse sweep did not recover the initial weights "
@@ -301,9 +301,7 @@ class Reversible:
         """``floor(V n / den)``, pushing what it loses: of the ``den`` remainders ``r`` of
         ``V n`` only those with ``y den + r`` divisible by n can occur (``k`` of them, about
         ``den / n``), so the index of ``r`` among them is pushed in base ``k``."""
-        bn = torch.remainder(V, den) * n  # < den n: no overflow
-        y = torch.div(V, den, rounding_mode="floor") * n + torch.div(bn, den, rounding_mode="floor")
-        r = torch.remainder(bn, den)
+        y, r = _product(V, n, den)
         c, k = _admissible(y, n, den)
         buf.push(torch.div(r - c, n, rounding_mode="floor"), k)
         return y
@@ -325,6 +323,13 @@ class Reversible:
                 f"estimator=reversible: fixed-point overflow at step {t}: weights or velocity "
                 f"reached 2^{61 - self.radix_bits}; lower estimator.radix_bits"
             )
+
+
+def _product(V: Tensor, n: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """``floor(V n / den)`` and ``V n mod den`` without forming ``V n`` (no overflow)."""
+    bn = torch.remainder(V, den) * n  # < den n
+    y = torch.div(V, den, rounding_mode="floor") * n + torch.div(bn, den, rounding_mode="floor")
+    return y, torch.remainder(bn, den)
 
 
 def _admissible(y: Tensor, n: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
