@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.reversible [--horizons 200 800] [--out FILE]`` prints (and writes as
 JSON) per horizon the seconds and peak memory (metahpo.device.CostMeter, as every estimator
-reports; after one warm-up run each) of ``reversible``, ``exact_reverse`` and ``forward`` (3 columns: one segment per key),
-the buffer's bits per parameter per step beside log2(1/momentum) for momentum 0.5, 0.9 and 0.99,
-and the relative distance of the fixed-point run's final weights from the float run's.
+reports; after one warm-up run each) of ``reversible``, ``exact_reverse`` and ``forward``
+(3 columns: one segment per key), the buffer's bits per parameter per step beside
+log2(1/momentum) for momentum 0.5, 0.9 and 0.99, and the relative distance of the
+fixed-point run's final weights from the float run's.
 Digits (MLP 64-128-10, ReLU, batch 128, float32 unless stated), lr 0.1, weight decay 1e-4.
 """
 
