@@ -305,3 +305,26 @@ def test_the_budget_caps_inner_runs(tmp_path: Path) -> None:
     # 2 runs per estimate; the third estimate would leave no room for the final score
     assert out["stopped"] == "budget" and out["outer_steps"] + out["rejected_steps"] == 2
     assert out["outer_loop"]["inner_runs"] == 6 <= 7
+
+
+def test_greedy_with_seeds_averages_the_schedules_it_moved(tmp_path: Path) -> None:
+    # greedy moves its schedule inside its run: no outer step to accept or reject; with two
+    # seeds the next iterate is the mean of the two moved schedules
+    args = ["estimator=greedy", "experiment=smoke", "progress=false", "outer.seeds=2"]
+    args += ["estimator.update=gradient", "outer.accept=meta_loss", "outer.tolerance=0.0"]
+    out = metahpo.run(metahpo.compose(args), tmp_path)
+    setup = metahpo.runner.build(metahpo.compose(args))
+    moved = [
+        setup.estimator.hypergradient(task, setup.schedule).schedule
+        for task in (setup.task, setup.task.with_seed(1000))
+    ]
+    first = out["history"][0]
+    assert first["online"] and out["rejected_steps"] == 0
+    for name in ("lr", "momentum"):
+        mean = (moved[0].values[name] + moved[1].values[name]) / 2
+        assert first["schedule_after"][name] == pytest.approx(mean.tolist())
+    assert moved[0].values["lr"].tolist() != moved[1].values["lr"].tolist()
+    assert out["history"][1]["schedule"] == first["schedule_after"]
+    last = out["history"][-1]  # the last iterate, scored by plain runs on both seeds
+    assert last["hypergradient"] is None and len(last["seed_meta_losses"]) == 2
+    assert out["outer_loop"]["inner_runs"] == 2 * len(out["history"])
