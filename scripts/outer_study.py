@@ -70,7 +70,9 @@ def run_one(exp: str, variant: str, seed: int, out: Path, data: Path, extra: lis
         results = json.loads((run_dir / "results.json").read_text())
         if results.get("final") is not None:
             return run_dir
-    args = [a.format(data=data) for a in EXPERIMENTS[exp] + VARIANTS[variant][exp] + extra]
+    args = [
+        a.replace("{data}", str(data)) for a in EXPERIMENTS[exp] + VARIANTS[variant][exp] + extra
+    ]
     cmd = [sys.executable, "-m", "metahpo", *args, f"seed={seed}", "progress=false"]
     cmd.append(f"hydra.run.dir={run_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -161,12 +163,11 @@ def main() -> None:
 
         print("digits as MNIST IDX files:", write_digits_as_mnist(data), flush=True)
     if not args.summary:
-        for exp in EXPERIMENTS:
-            if exp not in args.only:
-                continue
-            for seed in args.seeds:
+        # seed by seed, so that a cut-short study has every experiment at its first seeds
+        for seed in args.seeds:
+            for exp in EXPERIMENTS:
                 for variant in args.variants:
-                    if exp not in VARIANTS[variant]:
+                    if exp not in args.only or exp not in VARIANTS[variant]:
                         continue
                     run_one(exp, variant, seed, args.out, data.resolve(), args.extra)
                     print(summarise(args.out), flush=True)
