@@ -339,18 +339,31 @@ class _OuterLoop:
         Only an outer step can be rejected this way (there is an anchor to go back to); an
         online estimator's schedule is its own run's result, with no outer step to shrink.
         """
-        if self.cfg.outer.accept != "meta_loss" or self.anchor is None:
+        if self.anchor is None:
             return None
-        best = min((h["meta_loss"] for h in self.history if not h.get("online")), default=None)
-        if best is None:
-            return None
-        limit = best + float(self.cfg.outer.tolerance) * abs(best)
-        if hg.meta_loss <= limit:
+        limit = self._limit()
+        if limit is None or hg.meta_loss <= limit[0]:
             return None
         return (
-            f"the meta-loss rose to {hg.meta_loss:.6g}, above {limit:.6g} "
-            f"(outer.tolerance={self.cfg.outer.tolerance} over the best accepted {best:.6g})"
+            f"the meta-loss rose to {hg.meta_loss:.6g}, above {limit[0]:.6g} "
+            f"(outer.tolerance={self.cfg.outer.tolerance} over the best accepted {limit[1]:.6g})"
         )
+
+    def _limit(self) -> tuple[float, float] | None:
+        """(Highest acceptable meta-loss, best accepted one); None unless accept=meta_loss."""
+        if self.cfg.outer.accept != "meta_loss":
+            return None
+        best = min(
+            (
+                h["meta_loss"]
+                for h in self.history
+                if not h.get("online") and h["meta_loss"] is not None and not h.get("rejected")
+            ),
+            default=None,
+        )
+        if best is None:
+            return None
+        return best + float(self.cfg.outer.tolerance) * abs(best), best
 
     def _reject(self, reason: str, meta_loss: float | None = None) -> None:
         """Count a rejected outer step; retry from the anchor with a halved step, or stop."""
@@ -413,7 +426,9 @@ class _OuterLoop:
         schedule moved, not from a plain run of their ``schedule``; so an online estimator's
         learned schedule is its last iterate (with its plain-run score). A run stopped by
         divergence is not scored again: its current schedule is the last accepted iterate
-        (already in the history) or the one that just diverged.
+        (already in the history) or the one that just diverged. Under ``outer.accept=meta_loss``
+        a last iterate scored above the acceptance limit is marked ``rejected`` and is no
+        candidate (``select: last`` then reports the last accepted iterate).
         """
         last = self.history[-1] if self.history else None
         fresh = last is None or last.get("online") or last["schedule"] != _values(self.schedule)
@@ -432,6 +447,11 @@ class _OuterLoop:
                     scores["seed_meta_losses"] = [s["meta_loss"] for s in per_seed]
             except DivergenceError:  # reported, never selected
                 scores = {"meta_loss": None, "val_accuracy": None, "diverged": True}
+            limit = self._limit()
+            if limit is not None and scores["meta_loss"] is not None:
+                # the acceptance rule holds for the last iterate too: never its candidate
+                if scores["meta_loss"] > limit[0]:
+                    scores["rejected"] = True
             self.history.append(
                 {
                     "outer_step": self.k,
@@ -441,7 +461,11 @@ class _OuterLoop:
                     "schedule": _values(self.schedule),
                 }
             )
-        scored = [h for h in self.history if h["meta_loss"] is not None and not h.get("online")]
+        scored = [
+            h
+            for h in self.history
+            if h["meta_loss"] is not None and not h.get("online") and not h.get("rejected")
+        ]
         candidates = scored if self.cfg.outer.select == "best" else scored[-1:]
         if not candidates:
             self.learned = None

@@ -267,6 +267,20 @@ def test_meta_loss_acceptance_rejects_a_rising_step_and_halves_it(tmp_path: Path
     assert out["stopped"] == "max_steps"
 
 
+@pytest.mark.parametrize("accept", ["finite", "meta_loss"])
+def test_a_rising_last_iterate_is_never_reported_under_meta_loss_acceptance(
+    accept: str, tmp_path: Path
+) -> None:
+    # one estimate at lr 0.5, then the loop ends: the step to 2.0 is only scored
+    cfg = [*RISE, "outer.steps=1", "outer.select=last", f"outer.accept={accept}"]
+    out = metahpo.run(metahpo.compose(cfg), tmp_path)
+    last = out["history"][-1]
+    assert last["schedule"]["lr"] == [2.0] and last["meta_loss"] > 100
+    assert last.get("rejected", False) == (accept == "meta_loss")
+    expected = [0.5] if accept == "meta_loss" else [2.0]
+    assert out["learned_schedule"]["lr"]["values"] == expected
+
+
 def test_repeated_meta_loss_rejections_stop_without_error(tmp_path: Path) -> None:
     # tolerance 0 and a step that always overshoots: every retry is worse than the start
     cfg = metahpo.compose(
