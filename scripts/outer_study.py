@@ -146,6 +146,34 @@ def summarise(out: Path) -> str:
     return text
 
 
+def history(run_dir: Path) -> str:
+    """One run's meta-loss history in order: accepted estimates, rejections, the last score."""
+    r = json.loads((run_dir / "results.json").read_text())
+    rows = [
+        (h["outer_step"], 0, h)
+        for h in r["history"]
+        if h.get("hypergradient") is not None or h.get("online")
+    ]
+    rows += [(x["outer_step"], -1, x) for x in r["rejections"]]  # before that step's accepted one
+    last = [h for h in r["history"] if h.get("hypergradient") is None and not h.get("online")]
+    rows.sort(key=lambda row: (row[0], row[1]))
+    lines = [f"{'step':>4}  {'meta-loss':>10}  {'':<22}  schedule"]
+    for step, kind, h in rows:
+        what = "rejected" if kind < 0 else "accepted"
+        loss = h.get("meta_loss")
+        shown = {k: [round(v, 4) for v in vals] for k, vals in h["schedule"].items()}
+        mark = " <- selected" if kind == 0 and step == r["selected_outer_step"] else ""
+        lines.append(
+            f"{step:>4}  {loss if loss is not None else float('nan'):>10.4f}  "
+            f"{what + mark:<22}  {shown}"
+        )
+    for h in last:
+        what = "last iterate, scored" + (" (rejected)" if h.get("rejected") else "")
+        mark = " <- selected" if h["outer_step"] == r["selected_outer_step"] else ""
+        lines.append(f"{h['outer_step']:>4}  {h['meta_loss']:>10.4f}  {what + mark}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -153,9 +181,13 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--data", type=Path, help="the digits IDX root (default: OUT/digits28)")
+    parser.add_argument("--history", type=Path, help="print one run's meta-loss history")
     parser.add_argument("--summary", action="store_true", help="only rewrite the summary")
     parser.add_argument("extra", nargs="*", help="overrides added to every run")
     args = parser.parse_args()
+    if args.history:
+        print(history(args.history))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data or args.out / "digits28"
     if not (data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file():
