@@ -51,9 +51,17 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "digits_long": OLD,
     },
     "new": {
-        "mnist28": [],
+        "mnist28": [],  # the shipped experiment file
         "digits": ["outer=rprop"],
         "digits_long": ["outer=rprop", "outer.budget=22"],
+    },
+    # the first try on mnist28: rprop's digits settings (1 seed, tolerance 0.1, step 0.05)
+    "new-v1": {
+        "mnist28": [
+            "outer.optimizer.step=0.05",
+            "outer.tolerance=0.1",
+            "outer.seeds=1",
+        ]
     },
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
