@@ -133,7 +133,7 @@ def summarise(out: Path) -> str:
             summary.setdefault(exp, {})[variant] = cell
             la, ba = cell["learned"], cell["baseline"]
             rows.append(
-                f"| {variant} | {len(found)} | {la[0]:.2f} ± {la[1]:.2f} ({la[2]} runs"
+                f"| {variant} | {len(found)} | {la[0]:.2f} ± {la[1]:.2f} ({la[2]} retrainings"
                 + (f", {la[3]} diverged" if la[3] else "")
                 + f") | {ba[0]:.2f} ± {ba[1]:.2f} | {cell['inner_runs']} | {cell['rejected']} "
                 f"| {cell['minutes']:.1f} |"
