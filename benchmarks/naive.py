@@ -10,16 +10,18 @@ import torch
 from torch import Tensor
 
 from estimators.forward import Columns
-from metahpo.core import Batch, Hypergradient, Params, Task
+from metahpo.core import Batch, ConfigError, Hypergradient, Params, Task
 from metahpo.device import CostMeter
-from metahpo.inner import FlatTask, InnerState, train
+from metahpo.inner import FlatTask, InnerState, Steps, train
+from metahpo.optim import SGD
 from metahpo.schedule import HyperSchedule
 
 
 class NaiveForward:
     """Exact d L_val(theta_T) / d h by forward mode, written the textbook way.
 
-    The inner run is plain training (:func:`metahpo.inner.train` with its default gradient).
+    SGD only (the closed core's recurrences). The inner run is plain training
+    (:func:`metahpo.inner.train` with its default gradient).
     After every step the gradient graph is rebuilt at ``theta_t`` (``create_graph=True``), and
     then, in a Python loop over the started columns, each column gets one double-backward
     Hessian-vector product and its tangent update (the recurrences of ForwardMode) as
@@ -37,7 +39,10 @@ class NaiveForward:
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         with CostMeter(task.device) as cost:
             flat = FlatTask(task)
-            table = schedule.table(task.device, task.dtype)
+            if not isinstance(schedule.optimizer, SGD) or schedule.optimizer.nesterov:
+                raise ConfigError("the naive forward baseline is written for SGD without Nesterov")
+            steps = Steps(flat, schedule)
+            table = steps.table
             cols = Columns(schedule)
             zero = {
                 n: torch.zeros(s, device=task.device, dtype=task.dtype)
@@ -49,8 +54,8 @@ class NaiveForward:
             def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
                 lr, mu, wd = (table[n][t] for n in ("lr", "momentum", "weight_decay"))
                 params, g = _gradient_graph(flat, old, batch)
-                velocity, theta = flat.unflatten(old.velocity), flat.unflatten(old.theta)
-                new_velocity = flat.unflatten(new.velocity)
+                velocity, theta = flat.unflatten(old.opt_state[0]), flat.unflatten(old.theta)
+                new_velocity = flat.unflatten(new.opt_state[0])
                 for i in range(cols.n_active(t)):
                     hv = _vjp(g, params, Z[i])
                     name, _ = cols.keys[i]
@@ -67,7 +72,9 @@ class NaiveForward:
                         Y[i][n], Z[i][n] = y, z
 
             with torch.no_grad():
-                state = train(flat, table, flat.init_state(), schedule.horizon, on_step=on_step)
+                state = train(
+                    flat, steps, steps.init_state(flat), schedule.horizon, on_step=on_step
+                )
             meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
             g_params = flat.unflatten(g_val)
             per_column = [float(sum((z[n] * g_params[n]).sum() for n in z)) for z in Z]

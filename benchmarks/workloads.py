@@ -21,7 +21,8 @@ from estimators.forward import ForwardMode
 from estimators.greedy import Greedy
 from estimators.truncated_reverse import TruncatedReverse
 from metahpo.core import HypergradientEstimator, Task
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
+from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
 from tasks.digits import Digits
 from tasks.models import LeNet, WideResNet

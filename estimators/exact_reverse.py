@@ -34,26 +34,44 @@ from torch import Tensor
 
 from metahpo.core import Batch, Buffers, DivergenceError, Hypergradient, Params, Task
 from metahpo.device import CostMeter
-from metahpo.inner import sgd_step, val_loss_and_grad
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
+from metahpo.inner import FlatTask, Steps, val_loss_and_grad
+from metahpo.optim import State
+from metahpo.schedule import HyperSchedule
 
 
-class ScheduledSGD(higher.optim.DifferentiableOptimizer):
-    """``higher``'s differentiable optimiser whose update is :func:`metahpo.inner.sgd_step`.
+class ScheduledStep(higher.optim.DifferentiableOptimizer):
+    """``higher``'s differentiable optimiser whose update is the schedule's optimiser step.
 
-    ``lr``, ``momentum`` and ``weight_decay`` come from the parameter group, overridden at
-    every step with tensors that carry gradient (``diffopt.step(loss, override=...)``). The
-    velocity starts at zero, so the first step equals ``torch.optim.SGD``'s.
+    The hyperparameter values of a step come through ``diffopt.step(loss, override=...)``
+    (one entry per schedule key, tensors that carry gradient); :meth:`_update` concatenates the
+    fast weights and gradients into one flat vector, applies
+    :meth:`metahpo.inner.Steps.step` (so per-group values and the optimiser's state work as in
+    every other estimator) and splits the result back. The optimiser's state starts from
+    ``init`` of the flat initial weights.
     """
 
+    def bind(self, steps: Steps, keys: list[str]) -> None:
+        self.steps, self.keys, self.t = steps, keys, 0
+        self.opt_state: State | None = None
+
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
-        for group, state, grads in zip(self.param_groups, self.state, grouped_grads, strict=True):
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
-                v = state[i].get("velocity")
-                v = torch.zeros_like(p) if v is None else v
-                g = torch.zeros_like(p) if g is None else g  # a parameter the loss does not use
-                group["params"][i], state[i]["velocity"] = sgd_step(p, v, g, lr, mu, wd)
+        (group,) = self.param_groups
+        (grads,) = grouped_grads
+        params = group["params"]
+        theta = torch.cat([p.reshape(-1) for p in params])
+        grad = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                for p, g in zip(params, grads, strict=True)
+            ]
+        )  # a parameter the loss does not use has gradient None
+        if self.opt_state is None:
+            self.opt_state = self.steps.optimizer.init(theta)
+        values = {k: group[k] for k in self.keys}
+        theta, self.opt_state = self.steps.step(self.t, theta, self.opt_state, grad, values)
+        self.t += 1
+        chunks = theta.split([p.numel() for p in params])
+        group["params"] = [c.view_as(p) for c, p in zip(chunks, params, strict=True)]
 
 
 class ExactReverse:
@@ -91,24 +109,29 @@ class ExactReverse:
             name: schedule.values[name].detach().clone().requires_grad_(True)
             for name in schedule.learned
         }
-        table = schedule.table(task.device, task.dtype, values=leaves)
-        names = [name for name, _ in task.model.named_parameters()]
+        flat = FlatTask(task)  # parameter names and sizes (groups), nothing else
+        steps = Steps(flat, schedule, values=leaves)
+        table = steps.table
+        names = flat.names
         init, buffers = task.init_params()
         fast = [init[name].detach().requires_grad_(True) for name in names]
-        diffopt = ScheduledSGD(
-            torch.optim.SGD(task.model.parameters(), lr=0.0), task.model.parameters()
+        model_params = dict(task.model.named_parameters())
+        diffopt = ScheduledStep(
+            torch.optim.SGD([model_params[n] for n in names], lr=0.0),
+            [model_params[n] for n in names],
         )
+        diffopt.bind(steps, list(schedule.keys))
         with torch.enable_grad():
             for t in range(schedule.horizon):
                 batch = task.batch(t)
                 params = dict(zip(names, fast, strict=True))
                 loss = task.train_loss(params, buffers, batch)
-                override = {name: [table[name][t]] for name in HYPERPARAMETERS}
+                override = {name: [table[name][t]] for name in schedule.keys}
                 new = diffopt.step(loss, params=fast, override=override)
                 buffers = _next_buffers(task, params, buffers, batch)
                 fast = list(new)
             params = dict(zip(names, fast, strict=True))
-            _check_finite(params, schedule)
+            _check_finite(params, schedule, steps)
             meta, g_val = val_loss_and_grad(task, params, buffers)
             got = torch.autograd.grad(
                 fast, list(leaves.values()), [g_val[n] for n in names], allow_unused=True
@@ -130,10 +153,9 @@ def _next_buffers(task: Task, params: Params, buffers: Buffers, batch: Batch) ->
         return task.next_buffers({k: p.detach() for k, p in params.items()}, buffers, batch)
 
 
-def _check_finite(params: Params, schedule: HyperSchedule) -> None:
+def _check_finite(params: Params, schedule: HyperSchedule, steps: Steps) -> None:
     if not all(bool(torch.isfinite(p).all()) for p in params.values()):
         raise DivergenceError(
             f"inner training diverged: parameters are not finite after step {schedule.horizon} "
-            f"(max lr {float(schedule.values['lr'].max()):.4g}, "
-            f"max momentum {float(schedule.values['momentum'].max()):.4g})"
+            f"({steps.describe()})"
         )

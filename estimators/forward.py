@@ -13,11 +13,13 @@ from torch.func import grad, jvp, vmap
 from metahpo import distributed
 from metahpo.core import Batch, ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter
-from metahpo.inner import FlatTask, InnerState, train
+from metahpo.inner import FlatTask, InnerState, Steps, train
+from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
+TangentMode = Literal["auto", "generic"]
 
 # torch's forward-mode AD scripts its own decompositions on first use and warns about its own
 # call to torch.jit.script; nothing a user can act on.
@@ -78,25 +80,27 @@ class Columns:
 class ForwardMode:
     """Exact d L_val(theta_T) / d h for every shared value h, by forward-mode differentiation.
 
-    Carries the tangents ``Z = d theta / d h`` and ``Y = d v / d h`` (one column per learned
-    shared value) alongside the inner run (docs/estimators.md has the recurrences)::
+    Works for any inner optimiser (:mod:`metahpo.optim`): it carries the tangents
+    ``Z = d theta / d h`` and ``S = d state / d h`` of the optimiser's state tensors (one column
+    per learned shared value) alongside the inner run, and per step (docs/estimators.md)::
 
-        Y <- mu Y + H Z + lambda Z + [h is mu's segment] v + [h is lambda's segment] theta
-        Z <- Z - alpha Y - [h is alpha's segment] v_new
+        HZ = H Z                                   (Hessian-vector products of started columns)
+        (Z, S) <- jvp(step, (theta, state, g, h_t), (Z, S, HZ, dh_t/dcolumn))   (vmap on columns)
 
     and returns ``grad L_val(theta_T) . Z_T``. Columns are ordered by the step their segment
     starts and a column is exactly zero before then, so step t only updates the prefix of
-    columns that have started (:class:`Columns`). ``Z`` and ``Y`` are two contiguous ``[C, P]``
-    buffers updated in place; the training gradient of a step comes out of the same call as its
-    Hessian-vector products.
+    columns that have started (:class:`Columns`). The training gradient of a step comes out of
+    the same call as its Hessian-vector products (:func:`propagate` does the rest).
 
     Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
     reproduce the clamps of the paper's code and make the result inexact.
-    Memory: ``2 C P`` numbers for C learned shared values and P parameters, constant in the
-    horizon T, plus the activations of one batched Hessian-vector product (``chunk_size``
-    columns at a time bounds it).
+    Memory: ``(1 + s) C P`` numbers for C learned shared values, P parameters and an optimiser
+    with s state tensors (SGD 1, Adam 2), constant in the horizon T, plus the activations of
+    one batched Hessian-vector product (``chunk_size`` columns at a time bounds it) and the
+    temporaries of the vmapped step (a few ``C_active P``).
     Compute: per step one gradient plus one Hessian-vector product per started column, i.e.
-    about ``T (1 + 2 C_active)`` gradient evaluations.
+    about ``T (1 + 2 C_active)`` gradient evaluations, plus the step's jvp (elementwise,
+    ``O(C_active P)``; docs/benchmarks.md measures it).
     Data-parallel (:mod:`metahpo.distributed`): each rank differentiates its shard; per step
     the gradient (P numbers) and the Hessian-vector products (``C_active P``) are averaged
     over ranks, once per run the validation gradient; tangents stay identical on every rank.
@@ -116,6 +120,9 @@ class ForwardMode:
             plain loop over columns, without ``vmap``).
         clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
         clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
+        tangents: ``"auto"`` (default): plain SGD without groups takes the hand-written
+            recurrence (:func:`sgd_propagate`, faster), everything else the generic jvp;
+            ``"generic"``: always the jvp. ``metrics["tangents"]`` reports the one used.
     """
 
     name = "forward"
@@ -127,7 +134,11 @@ class ForwardMode:
         chunk_size: int | None = None,
         clamp_grad: float | None = None,
         clamp_hvp: float | None = None,
+        tangents: TangentMode = "auto",
     ) -> None:
+        if tangents not in ("auto", "generic"):
+            raise ConfigError(f"estimator.tangents={tangents!r} is unknown; allowed: auto, generic")
+        self.tangents = tangents
         if hvp not in ("auto", *HVP_FORMULATIONS):
             raise ConfigError(
                 f"estimator.hvp={hvp!r} is unknown; allowed: auto, {', '.join(HVP_FORMULATIONS)}"
@@ -160,16 +171,18 @@ class ForwardMode:
     ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
-        table = schedule.table(dev, dt)
+        steps = Steps(flat, schedule)
         cols = Columns(schedule)
 
-        state = flat.init_state()
+        state = steps.init_state(flat)
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
-        Y = torch.zeros_like(Z)
+        S = tuple(torch.zeros_like(Z) for _ in state.opt_state)  # tangents of the state
+        onehot = torch.eye(len(cols), device=dev, dtype=dt)
+        learned = [k for k in schedule.keys if k in schedule.learned]
         key = _key(flat)
         if self.hvp == "auto" and key not in self._measured and len(cols):
             self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
-        hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to on_step
+        hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to step_fn
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
             a = cols.n_active(t)
@@ -183,27 +196,25 @@ class ForwardMode:
                 g = g.clamp(-self.clamp_grad, self.clamp_grad)
             return g
 
-        def on_step(t: int, old: InnerState, new: InnerState, batch: Batch) -> None:
+        fast = self.tangents == "auto" and sgd_fast_path_applies(schedule)
+
+        def step_fn(t: int, st: InnerState, g: Tensor) -> tuple[Tensor, State]:
             a = cols.n_active(t)
             if a == 0:
-                return
-            # in place, no temporaries, and no device sync: the values stay 0-d tensors
-            lr, mu, wd = table["lr"][t], table["momentum"][t], table["weight_decay"][t]
-            Ya, Za = Y[:a], Z[:a]
-            Ya.mul_(mu).add_(hz[0]).addcmul_(Za, wd)
-            if (i := cols.in_force("momentum", t)) is not None:
-                Y[i].add_(old.velocity)
-            if (i := cols.in_force("weight_decay", t)) is not None:
-                Y[i].add_(old.theta)
-            Za.addcmul_(Ya, lr, value=-1)
-            if (i := cols.in_force("lr", t)) is not None:
-                Z[i].sub_(new.velocity)
+                return steps.step(t, st.theta, st.opt_state, g, steps.values(t))
+            if fast:
+                in_force = {k: cols.in_force(k, t) for k in learned}
+                return sgd_propagate(steps, t, st, g, Z[:a], S[0][:a], hz[0], in_force)
+            # d h_t / d column: 1 for the column of each key's segment in force, else 0
+            dvalues = {k: onehot[:a, cols.in_force(k, t)] for k in learned}
+            return propagate(steps, t, st, g, Z[:a], tuple(s[:a] for s in S), hz[0], dvalues)
 
-        state = train(flat, table, state, schedule.horizon, grad_fn=grad_fn, on_step=on_step)
+        state = train(flat, steps, state, schedule.horizon, grad_fn=grad_fn, step_fn=step_fn)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
         grads = cols.grads(Z @ g_val)
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
         metrics["hvp"], metrics["hvp_chunk_size"] = self._setting(key)
+        metrics["tangents"] = "sgd" if fast else "generic"
         return meta_loss, grads, metrics
 
     def _setting(self, key: tuple[str, int, str, str]) -> tuple[str | None, int | None]:
@@ -237,6 +248,101 @@ class ForwardMode:
         mode, chunk = candidates[int(distributed.all_reduce_mean_(best).argmin())]
         self._measured_chunk[_key(flat)] = chunk
         return mode
+
+
+def propagate(
+    steps: Steps,
+    t: int,
+    st: InnerState,
+    g: Tensor,
+    Z: Tensor,
+    S: State,
+    HZ: Tensor,
+    dvalues: dict[str, Tensor],
+) -> tuple[Tensor, State]:
+    """The optimiser's step ``t`` and, in place, the tangents of the columns in ``Z``.
+
+    The step is a function ``(theta, state, grad, values) -> (theta', state')``; its ``jvp`` at
+    ``(st.theta, st.opt_state, g, values_t)`` with tangents ``(Z, S, HZ, dvalues)`` per column
+    (``vmap`` over the rows) gives ``(Z', S')``::
+
+        Z' = d theta'/d theta Z + d theta'/d state S + d theta'/d grad HZ + d theta'/d h dh
+        S' = (the same for the state)
+
+    Args:
+        Z: ``[a, P]`` tangents of the parameters (rows: started columns), updated in place.
+        S: the tangents of each state tensor, ``[a, P]`` each, updated in place.
+        HZ: ``[a, P]`` Hessian-vector products ``H Z`` (the tangent of the gradient).
+        dvalues: ``{key: [a]}`` the tangent of each learned key's value at step ``t`` (1 in the
+            column of its segment in force, else 0); keys not named are constants.
+
+    Returns:
+        The new parameters and optimiser state (the primal of the same call).
+    """
+    values = steps.values(t)
+    learned = list(dvalues)
+
+    def update(theta: Tensor, opt_state: State, grad: Tensor, lv: tuple[Tensor, ...]):
+        return steps.step(
+            t, theta, opt_state, grad, {**values, **dict(zip(learned, lv, strict=True))}
+        )
+
+    primals = (st.theta, st.opt_state, g, tuple(values[k] for k in learned))
+
+    def column(z: Tensor, zs: State, h: Tensor, dv: tuple[Tensor, ...]):
+        return jvp(update, primals, (z, zs, h, dv))
+
+    (theta, opt_state), (z, zs) = vmap(column, out_dims=(None, 0))(
+        Z, S, HZ, tuple(dvalues[k] for k in learned)
+    )
+    Z.copy_(z)
+    for s, new in zip(S, zs, strict=True):
+        s.copy_(new)
+    return theta, opt_state
+
+
+def sgd_fast_path_applies(schedule: HyperSchedule) -> bool:
+    """The hand-written SGD recurrence covers plain :class:`metahpo.optim.SGD` (not a subclass,
+    no Nesterov) without per-group values."""
+    opt = schedule.optimizer
+    return type(opt) is SGD and not opt.nesterov and not schedule.groups
+
+
+def sgd_propagate(
+    steps: Steps,
+    t: int,
+    st: InnerState,
+    g: Tensor,
+    Z: Tensor,
+    Y: Tensor,
+    HZ: Tensor,
+    in_force: dict[str, int],
+) -> tuple[Tensor, State]:
+    """:func:`propagate` for plain SGD, written out by hand and in place (the fast path).
+
+    ``Y`` is the velocity's tangent. With ``alpha, mu, lambda`` the values at step ``t``::
+
+        Y <- mu Y + H Z + lambda Z + [mu's column] v + [lambda's column] theta
+        Z <- Z - alpha Y - [alpha's column] v_new
+
+    The same numbers as the generic jvp up to rounding
+    (``tests/test_optim.py::test_sgd_fast_path_equals_the_generic_tangents``), without its
+    dispatch overhead: docs/benchmarks.md measured the generic path 12-100 % slower per inner
+    step on the digits MLP and LeNet, so SGD keeps this path (``tangents="generic"`` turns it
+    off). No temporaries and no device sync: the values stay 0-d tensors.
+    """
+    values = steps.values(t)
+    theta, (v,) = steps.step(t, st.theta, st.opt_state, g, values)
+    lr, mu, wd = values["lr"], values["momentum"], values["weight_decay"]
+    Y.mul_(mu).add_(HZ).addcmul_(Z, wd)
+    if (i := in_force.get("momentum")) is not None:
+        Y[i].add_(st.opt_state[0])
+    if (i := in_force.get("weight_decay")) is not None:
+        Y[i].add_(st.theta)
+    Z.addcmul_(Y, lr, value=-1)
+    if (i := in_force.get("lr")) is not None:
+        Z[i].sub_(v)
+    return theta, (v,)
 
 
 def grad_and_hvp(

@@ -12,10 +12,11 @@ from metahpo.core import ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
-from metahpo.schedule import HyperSchedule, positive_per_type, require_types
+from metahpo.schedule import HyperSchedule, per_key, positive_per_type
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
+STEP_FRACTION = 0.02  # a key without a step size steps by this fraction of its bounds' width
 
 
 class Greedy:
@@ -42,7 +43,7 @@ class Greedy:
     non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
     whose schedule moved during it (so it is the loss of neither the starting nor the final
     schedule run plainly). A value is updated only while its segment is in force, so use few
-    segments (one per type is classic online learning); with one segment per step each value
+    segments (one per key is classic online learning); with one segment per step each value
     is stepped once per run.
     Memory: the graph of one window, O(W (P + activations)), constant in the horizon.
     Compute: every step is taken once with ``create_graph``, plus one validation loss and one
@@ -53,7 +54,9 @@ class Greedy:
     Args:
         W: inner steps per window, from 1 to the horizon.
         update: ``"sign"`` (``h -= s_h sign(g)``) or ``"gradient"`` (``h -= s_h g``).
-        step_size: ``s_h`` per hyperparameter type; every learned type needs one.
+        step_size: ``s_h`` per schedule key, by key (``lr/fc1``), by hyperparameter name
+            (``lr``) or ``default``; a key with none steps by 2 % of its bounds' width (finite
+            bounds needed, else a ConfigError before training).
     """
 
     name = "greedy"
@@ -73,9 +76,12 @@ class Greedy:
         self.step_size = positive_per_type("estimator.step_size", sizes)
 
     def check(self, schedule: HyperSchedule) -> None:
-        """Raise ConfigError unless W fits the horizon and every learned type has a step size."""
+        """Raise ConfigError unless W fits the horizon and every learned key has a step size."""
         check_window("W", self.W, schedule.horizon)
-        require_types("estimator.step_size", self.step_size, schedule)
+        self._sizes(schedule)
+
+    def _sizes(self, schedule: HyperSchedule) -> dict[str, float]:
+        return per_key("estimator.step_size", self.step_size, schedule, STEP_FRACTION)
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)
@@ -89,7 +95,7 @@ class Greedy:
         self, task: Task, schedule: HyperSchedule
     ) -> tuple[float, dict[str, Tensor], HyperSchedule, dict[str, Any]]:
         flat = FlatTask(task)
-        state = flat.init_state()
+        state = flat.init_state(schedule.optimizer)
         total = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
         windows: list[dict[str, Any]] = []
         meta_loss = float("nan")
@@ -112,9 +118,9 @@ class Greedy:
 
     def _step(self, schedule: HyperSchedule, grads: Mapping[str, Tensor]) -> HyperSchedule:
         """One hyper-step on the values the window touched (the others have zero gradient)."""
-        new = {}
+        new, sizes = {}, self._sizes(schedule)
         for name in schedule.learned:
             g = grads[name]
             direction = torch.sign(g) if self.update == "sign" else g
-            new[name] = schedule.values[name] - self.step_size[name] * direction
+            new[name] = schedule.values[name] - sizes[name] * direction
         return schedule.replace(new).project()

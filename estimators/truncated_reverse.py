@@ -6,7 +6,7 @@ import torch
 
 from metahpo.core import Hypergradient, Task
 from metahpo.device import CostMeter
-from metahpo.inner import FlatTask, train
+from metahpo.inner import FlatTask, Steps, train
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
 
@@ -52,10 +52,9 @@ class TruncatedReverse:
         with CostMeter(task.device) as cost:
             flat = FlatTask(task)
             begin = schedule.horizon - self.K
+            steps = Steps(flat, schedule)
             with torch.no_grad():
-                state = train(
-                    flat, schedule.table(task.device, task.dtype), flat.init_state(), begin
-                )
+                state = train(flat, steps, steps.init_state(flat), begin)
             window = window_hypergradient(flat, schedule, state, schedule.horizon)
             val_accuracy = flat.evaluate(window.state, "val")["accuracy"]
         return Hypergradient(

@@ -15,27 +15,29 @@ from metahpo.core import (
     HypergradientEstimator,
     Task,
 )
-from metahpo.inner import FlatTask, InnerState, fit, sgd_step, train
+from metahpo.inner import FlatTask, InnerState, Steps, fit, train
+from metahpo.optim import Hyperparameter, InnerOptimizer
 from metahpo.runner import hypergradient, meta_loss, run
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.schedule import HyperSchedule, HyperSpec
 
 __all__ = [
-    "HYPERPARAMETERS",
     "ConfigError",
     "DivergenceError",
     "FlatTask",
     "HyperSchedule",
     "HyperSpec",
+    "Hyperparameter",
     "Hypergradient",
     "HypergradientEstimator",
+    "InnerOptimizer",
     "InnerState",
+    "Steps",
     "Task",
     "compose",
     "fit",
     "hypergradient",
     "meta_loss",
     "run",
-    "sgd_step",
     "train",
 ]
 __version__ = "0.1.0"

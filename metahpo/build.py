@@ -11,14 +11,15 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metahpo import distributed
 from metahpo.core import ConfigError, HypergradientEstimator, Task
 from metahpo.device import resolve_device, resolve_dtype
+from metahpo.inner import resolve_groups
 from metahpo.loggers import NullLogger
+from metahpo.optim import SGD, InnerOptimizer
 from metahpo.schedule import (
-    HYPERPARAMETERS,
     HyperSchedule,
     HyperSpec,
     constant_schedule,
@@ -45,25 +46,93 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def schedule_from_config(cfg: DictConfig, horizon: int) -> HyperSchedule:
-    """The schedule the outer loop starts from (``cfg`` is the ``schedule`` group)."""
-    specs, values = {}, {}
-    for name in HYPERPARAMETERS:
-        c = cfg[name]
-        specs[name] = HyperSpec(int(c.segments), (float(c.bounds[0]), float(c.bounds[1])), c.learn)
-        init = c.init
-        values[name] = (
-            [float(v) for v in init] if not isinstance(init, int | float) else float(init)
+def optimizer_from_config(cfg: DictConfig) -> InnerOptimizer:
+    """The inner optimiser (``cfg`` is the ``optimizer`` group; its ``baseline`` is not an
+    argument of the class)."""
+    args = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "baseline"])
+    optimizer = _instantiate(args, "optimizer")
+    if not isinstance(optimizer, InnerOptimizer):
+        raise ConfigError(
+            f"optimizer._target_={cfg._target_!r} is not a metahpo.optim.InnerOptimizer"
         )
-    return HyperSchedule(horizon, specs, values)
+    return optimizer
 
 
-def baseline_from_config(cfg: DictConfig, horizon: int) -> HyperSchedule:
-    """The hand-tuned schedule each run is compared with (``cfg`` is ``baseline``)."""
-    values = {n: float(cfg[n]) for n in HYPERPARAMETERS}
+def _entries(name: str, c: DictConfig, optimizer: InnerOptimizer) -> dict[str, DictConfig]:
+    """``schedule.<name>`` as ``{key: settings}``: one key, or one per group."""
+    groups = c.get("groups")
+    base = {k: c.get(k) for k in ("segments", "init", "bounds", "learn")}
+    if base["bounds"] is None:
+        base["bounds"] = list(optimizer.hyperparameters[name].bounds)
+    if base["init"] is None:
+        base["init"] = optimizer.hyperparameters[name].default
+    if not groups:
+        return {name: OmegaConf.create(base)}
+    out = {}
+    for group, g in groups.items():
+        own = g if isinstance(g, DictConfig) else {}
+        settings = {k: own.get(k) if own.get(k) is not None else v for k, v in base.items()}
+        out[f"{name}/{group}"] = OmegaConf.create(settings)
+    return out
+
+
+def group_patterns(cfg: DictConfig) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``{name: {group: patterns}}`` from the ``schedule`` group's ``groups`` entries."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for name, c in cfg.items():
+        groups = c.get("groups")
+        if not groups:
+            continue
+        out[str(name)] = {}
+        for group, g in groups.items():
+            p = g.get("params") if isinstance(g, DictConfig) else g
+            out[str(name)][str(group)] = (p,) if isinstance(p, str) else tuple(str(x) for x in p)
+    return out
+
+
+def schedule_from_config(
+    cfg: DictConfig, horizon: int, optimizer: InnerOptimizer | None = None
+) -> HyperSchedule:
+    """The schedule the outer loop starts from (``cfg`` is the ``schedule`` group)."""
+    optimizer = optimizer if optimizer is not None else SGD()
+    specs, values = {}, {}
+    for name, entry in cfg.items():
+        for key, c in _entries(str(name), entry, optimizer).items():
+            lo, hi = float(c.bounds[0]), float(c.bounds[1])
+            specs[key] = HyperSpec(int(c.segments), (lo, hi), bool(c.learn))
+            init = c.init
+            values[key] = (
+                [float(v) for v in init] if not isinstance(init, int | float) else float(init)
+            )
+    return HyperSchedule(horizon, specs, values, optimizer, group_patterns(cfg))
+
+
+def baseline_from_config(
+    cfg: DictConfig,
+    horizon: int,
+    optimizer: InnerOptimizer | None = None,
+    own: DictConfig | None = None,
+) -> HyperSchedule:
+    """The hand-tuned schedule each run is compared with (``cfg`` is ``baseline``; ``own``,
+    the optimiser config's ``baseline``, replaces its values when given)."""
+    source = own if own is not None else cfg
+    values = {str(n): float(v) for n, v in source.items() if n != "lr_decay"}
     if cfg.lr_decay == "cosine":
-        return cosine_schedule(horizon, **values)
-    return constant_schedule(horizon, **values)
+        return cosine_schedule(horizon, optimizer, **values)
+    return constant_schedule(horizon, optimizer, **values)
+
+
+def baseline_config(cfg: DictConfig) -> dict[str, Any]:
+    """The baseline's settings in effect: ``optimizer.baseline`` when given, else ``baseline``
+    (with ``baseline.lr_decay`` either way); what ``results.json`` records."""
+    own = cfg.optimizer.get("baseline")
+    base = OmegaConf.to_container(cfg.baseline, resolve=True)
+    assert isinstance(base, dict)
+    if own is None:
+        return base
+    values = OmegaConf.to_container(own, resolve=True)
+    assert isinstance(values, dict)
+    return {**values, "lr_decay": base["lr_decay"]}
 
 
 @dataclass
@@ -89,7 +158,10 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
         raise ConfigError(
             f"estimator._target_={cfg.estimator._target_!r} has no hypergradient(task, schedule)"
         )
-    schedule = schedule_from_config(cfg.schedule, cfg.horizon)
+    inner = optimizer_from_config(cfg.optimizer)
+    schedule = schedule_from_config(cfg.schedule, cfg.horizon, inner)
+    # Parameter groups are matched against the task's parameter names now, before training.
+    resolve_groups(schedule, *_names_and_sizes(task))
     # Settings that depend on the schedule (a window longer than the horizon...): an optional
     # ``check(schedule)`` on the estimator, so they fail here rather than at the first estimate.
     if callable(getattr(estimator, "check", None)):
@@ -101,8 +173,15 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
     return Setup(
         task=task,
         schedule=schedule,
-        baseline=baseline_from_config(cfg.baseline, cfg.horizon),
+        baseline=baseline_from_config(
+            cfg.baseline, cfg.horizon, inner, cfg.optimizer.get("baseline")
+        ),
         estimator=estimator,
         optimizer=optimizer,
         logger=logger,
     )
+
+
+def _names_and_sizes(task: Task) -> tuple[list[str], list[int]]:
+    params, _ = task.init_params()
+    return list(params), [p.numel() for p in params.values()]

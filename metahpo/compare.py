@@ -8,7 +8,7 @@ writes into ``--out``:
 - ``report.csv``: one row per run; ``summary.csv``: one row per estimator and task, with the
   mean and spread of every number;
 - ``meta_loss.png``: meta-loss against outer step and against time, per estimator;
-- ``schedules.png``: the learned schedules overlaid, per hyperparameter type.
+- ``schedules.png``: the learned schedules overlaid, per hyperparameter.
 
 Spread is the population standard deviation over seeds, as results.json's ``_std`` fields. A
 run's test accuracy and loss are already means over its ``final.seeds``.

@@ -16,9 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metahpo.core import ConfigError
-from metahpo.schedule import HYPERPARAMETERS
+from metahpo.optim import InnerOptimizer
 
-GROUPS = ("task", "estimator", "schedule", "outer", "logger", "experiment")
+GROUPS = ("task", "estimator", "optimizer", "schedule", "outer", "logger", "experiment")
 
 
 def config_dir() -> Path:
@@ -167,7 +167,7 @@ def _number(
 
 def validate(cfg: DictConfig) -> None:
     """Check every value the run depends on; raise ConfigError naming the first bad key."""
-    for key in ("task", "estimator", "schedule", "outer", "logger", "baseline"):
+    for key in ("task", "estimator", "optimizer", "schedule", "outer", "logger", "baseline"):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{key} is missing from the config; pick one with {key}=<name>")
     _check_known_keys(cfg)
@@ -178,10 +178,10 @@ def validate(cfg: DictConfig) -> None:
     device = str(cfg.device)
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device={device!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
-    _validate_schedule(cfg, horizon)
+    optimizer = optimizer_class(cfg)
+    _validate_schedule(cfg, horizon, optimizer)
     _validate_outer(cfg)
-    for name in HYPERPARAMETERS:
-        _number(cfg, f"baseline.{name}", low=0.0)
+    _validate_baseline(cfg, optimizer)
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
         raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")
@@ -198,7 +198,7 @@ def validate(cfg: DictConfig) -> None:
     timeout = OmegaConf.select(cfg, "distributed.timeout")
     if not _is_number(timeout) or timeout <= 0:
         raise ConfigError(f"distributed.timeout={timeout!r} must be a positive number (seconds)")
-    for group in ("task", "estimator", "logger"):
+    for group in ("task", "estimator", "optimizer", "logger"):
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
 
@@ -216,9 +216,6 @@ def _known_keys() -> dict[str, set[str]]:
         "outer": outer,
         "final": {str(k) for k in primary.final},
         "distributed": {str(k) for k in primary.distributed},
-        "baseline": {*HYPERPARAMETERS, "lr_decay"},
-        **{f"schedule.{n}": {"segments", "bounds", "init", "learn"} for n in HYPERPARAMETERS},
-        "schedule": set(HYPERPARAMETERS),
     }
 
 
@@ -237,38 +234,153 @@ def _check_known_keys(cfg: DictConfig) -> None:
                 )
 
 
-def _validate_schedule(cfg: DictConfig, horizon: int) -> None:
+def optimizer_class(cfg: DictConfig) -> type[InnerOptimizer]:
+    """The class ``optimizer._target_`` names (its hyperparameters are class attributes)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "optimizer._target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"optimizer._target_={target!r} could not be imported: {first}") from None
+    if not (isinstance(cls, type) and issubclass(cls, InnerOptimizer)):
+        raise ConfigError(f"optimizer._target_={target!r} is not a metahpo.optim.InnerOptimizer")
+    return cls
+
+
+SCHEDULE_ENTRY = ("segments", "init", "bounds", "learn", "groups")
+
+
+def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptimizer]) -> None:
+    known = optimizer.hyperparameters
     learned = 0
-    for name in HYPERPARAMETERS:
+    for name in cfg.schedule:
         key = f"schedule.{name}"
-        if OmegaConf.select(cfg, key) is None:
-            raise ConfigError(f"{key} is missing; each of {', '.join(HYPERPARAMETERS)} needs one")
-        n = _int(cfg, f"{key}.segments", low=1, high=horizon, what=f" (horizon={horizon})")
-        bounds = OmegaConf.select(cfg, f"{key}.bounds")
+        if name not in known:
+            raise ConfigError(
+                f"{key} is not a hyperparameter of the {optimizer.name} optimizer "
+                f"({OmegaConf.select(cfg, 'optimizer._target_')}); allowed: {', '.join(known)}"
+            )
+        entry = OmegaConf.select(cfg, key)
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"{key}={entry!r} must be a mapping of {', '.join(SCHEDULE_ENTRY)}")
+        for k in entry:
+            if k not in SCHEDULE_ENTRY:
+                raise ConfigError(
+                    f"{key}.{k} is not a key metahpo reads; keys under {key}: "
+                    f"{', '.join(SCHEDULE_ENTRY)}"
+                )
+        groups = entry.get("groups")
+        if groups is None:
+            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, {})
+            continue
+        if not isinstance(groups, DictConfig) or not groups:
+            raise ConfigError(
+                f"{key}.groups={_shown(groups)} must be null or a mapping "
+                "{group: pattern, list of patterns, or {params: ..., segments: ...}}"
+            )
+        for group, g in groups.items():
+            gkey = f"{key}.groups.{group}"
+            if "/" in str(group) or "." in str(group):
+                raise ConfigError(f"{gkey}: a group name cannot contain '/' or '.'")
+            own = g if isinstance(g, DictConfig) else {}
+            if isinstance(g, DictConfig):
+                extra = [k for k in g if k not in ("params", *SCHEDULE_ENTRY[:4])]
+                if extra:
+                    raise ConfigError(
+                        f"{gkey}.{extra[0]} is not a key metahpo reads; keys under {gkey}: "
+                        "params, segments, init, bounds, learn"
+                    )
+                g = g.get("params")
+            if not (
+                isinstance(g, str)
+                or (isinstance(g, ListConfig) and g and all(isinstance(p, str) for p in g))
+            ):
+                raise ConfigError(
+                    f"{gkey}={_shown(g)} must be a parameter-name pattern or a list of them"
+                )
+            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, own, gkey)
+    if not learned:
+        raise ConfigError("schedule: no hyperparameter has learn=true; nothing to learn")
+
+
+def _shown(v: Any) -> Any:
+    return OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else repr(v)
+
+
+def _validate_entry(
+    cfg: DictConfig,
+    key: str,
+    name: str,
+    horizon: int,
+    optimizer: type[InnerOptimizer],
+    own: Any,
+    where: str | None = None,
+) -> bool:
+    """Check one schedule entry (or one group's, whose own settings override the entry's)."""
+    spec = optimizer.hyperparameters[name]
+
+    def get(k: str) -> tuple[str, Any]:
+        if k in own and own[k] is not None:
+            return f"{where}.{k}", own[k]
+        return f"{key}.{k}", OmegaConf.select(cfg, f"{key}.{k}")
+
+    seg_key, n = get("segments")
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= horizon):
+        raise ConfigError(
+            f"{seg_key}={n!r} must be an integer from 1 to {horizon} (horizon={horizon})"
+        )
+    b_key, bounds = get("bounds")
+    if bounds is None:
+        lo, hi = spec.bounds
+    else:
         if (
             not isinstance(bounds, ListConfig)
             or len(bounds) != 2
-            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            or not all(_is_number(b) for b in bounds)
         ):
-            raise ConfigError(f"{key}.bounds={bounds!r} must be [min, max]")
+            raise ConfigError(f"{b_key}={_shown(bounds)} must be [min, max] (or null: default)")
         lo, hi = float(bounds[0]), float(bounds[1])
         if lo > hi:
-            raise ConfigError(f"{key}.bounds=[{lo}, {hi}] has min > max")
-        if name == "weight_decay" and lo < 0:
-            raise ConfigError(f"{key}.bounds=[{lo}, {hi}]: weight decay cannot be negative")
-        init = OmegaConf.select(cfg, f"{key}.init")
-        values = list(init) if isinstance(init, ListConfig) else [init]
-        if not all(_is_number(v) for v in values) or len(values) not in (1, n):
-            shown = OmegaConf.to_container(init) if isinstance(init, ListConfig) else repr(init)
-            raise ConfigError(f"{key}.init={shown} must be a number or a list of {n} numbers")
-        if any(not lo <= v <= hi for v in values):
-            raise ConfigError(f"{key}.init={values} lies outside {key}.bounds=[{lo}, {hi}]")
-        learn = OmegaConf.select(cfg, f"{key}.learn")
-        if not isinstance(learn, bool):
-            raise ConfigError(f"{key}.learn={learn!r} must be true or false")
-        learned += learn
-    if not learned:
-        raise ConfigError("schedule: no hyperparameter has learn=true; nothing to learn")
+            raise ConfigError(f"{b_key}=[{lo}, {hi}] has min > max")
+        for b in (lo, hi):
+            optimizer.check_value(b_key, name, b, shown=[lo, hi])
+    i_key, init = get("init")
+    if init is None:
+        init = spec.default
+    values = list(init) if isinstance(init, ListConfig) else [init]
+    if not all(_is_number(v) for v in values) or len(values) not in (1, n):
+        raise ConfigError(f"{i_key}={_shown(init)} must be a number or a list of {n} numbers")
+    for v in values:
+        optimizer.check_value(i_key, name, v)
+    if any(not lo <= v <= hi for v in values):
+        raise ConfigError(f"{i_key}={values} lies outside {b_key}=[{lo}, {hi}]")
+    l_key, learn = get("learn")
+    if not isinstance(learn, bool):
+        raise ConfigError(f"{l_key}={learn!r} must be true or false")
+    return learn
+
+
+def _validate_baseline(cfg: DictConfig, optimizer: type[InnerOptimizer]) -> None:
+    own = OmegaConf.select(cfg, "optimizer.baseline")
+    where = "optimizer.baseline" if own is not None else "baseline"
+    values = own if own is not None else cfg.baseline
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"{where}={_shown(values)} must be a mapping of hyperparameter values")
+    for name in values:
+        if own is None and name == "lr_decay":
+            continue
+        if name not in optimizer.hyperparameters:
+            hint = "" if own is not None else " (set optimizer.baseline for this optimizer)"
+            raise ConfigError(
+                f"{where}.{name} is not a hyperparameter of the {optimizer.name} optimizer; "
+                f"allowed: {', '.join(optimizer.hyperparameters)}{hint}"
+            )
+        spec = optimizer.hyperparameters[str(name)]
+        closed = math.isfinite(spec.low) and not spec.low_open
+        _number(cfg, f"{where}.{name}", low=spec.low if closed else None)
+        optimizer.check_value(f"{where}.{name}", str(name), float(values[name]))
 
 
 def _validate_outer(cfg: DictConfig) -> None:

@@ -78,8 +78,8 @@ class Hypergradient:
 
     Attributes:
         meta_loss: validation loss at the end of the inner run the gradient was taken on.
-        grads: per hyperparameter type, a float64 CPU tensor with one entry per shared segment
-            (the gradient with respect to that segment's value; zeros for fixed types).
+        grads: per schedule key, a float64 CPU tensor with one entry per shared segment
+            (the gradient with respect to that segment's value; zeros for fixed keys).
         seconds: wall time of the estimate.
         peak_memory: peak memory above the level at the start, in bytes (see metahpo.device).
         inner_steps: inner SGD steps taken (forward and backward passes over them count once).

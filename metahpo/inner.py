@@ -1,14 +1,16 @@
-"""The inner run: SGD with momentum and weight decay as a pure function, and the one loop.
+"""The inner run: the optimiser's step with a schedule's values, and the one loop.
 
 Every estimator, the retraining at the end and the tests go through :func:`train`; estimators
 change what it computes per step only through ``grad_fn`` (how the training gradient is
-obtained, e.g. together with Hessian-vector products) and ``on_step`` (what they carry beside
-the parameters, e.g. forward-mode tangents).
+obtained, e.g. together with Hessian-vector products), ``step_fn`` (how the update is applied,
+e.g. together with its forward-mode tangents) and ``on_step`` (what they observe after it).
+The update itself is always :meth:`Steps.step`, i.e. the optimiser's one ``step``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,40 +19,25 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from metahpo import distributed
-from metahpo.core import Batch, Buffers, DivergenceError, Params, Task
-from metahpo.schedule import HyperSchedule
-
-
-def sgd_step(
-    theta: Tensor,
-    velocity: Tensor,
-    grad: Tensor,
-    lr: Tensor,
-    momentum: Tensor,
-    weight_decay: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """One step of ``torch.optim.SGD`` (dampening 0, no Nesterov) as a pure function.
-
-    ``v' = momentum * v + grad + weight_decay * theta``, ``theta' = theta - lr * v'``, with
-    ``v = 0`` before the first step (torch's first step sets the buffer to the gradient, which is
-    the same thing). One deliberate difference: at a step whose momentum is exactly 0, torch
-    leaves its momentum buffer untouched (a later non-zero momentum resumes the stale buffer),
-    which makes the update discontinuous in momentum at 0 and its derivative there zero. Here
-    the update is the continuous form, so d/d momentum at 0 is the one-sided limit: the
-    trajectories agree whenever momentum is never 0, or always 0.
-    """
-    velocity = momentum * velocity + grad + weight_decay * theta
-    return theta - lr * velocity, velocity
+from metahpo.core import Batch, Buffers, ConfigError, DivergenceError, Params, Task
+from metahpo.optim import InnerOptimizer, State
+from metahpo.schedule import HyperSchedule, split_key
 
 
 @dataclass
 class InnerState:
-    """Inner-run state at the start of step ``step``: flat parameters, velocity, buffers."""
+    """Inner-run state at the start of step ``step``: flat parameters, the optimiser's state
+    tensors (:meth:`metahpo.optim.InnerOptimizer.init`), buffers."""
 
     theta: Tensor
-    velocity: Tensor
+    opt_state: State
     buffers: Buffers
     step: int = 0
+
+    def detached(self) -> InnerState:
+        """The same state cut from any autograd graph."""
+        opt_state = tuple(s.detach() for s in self.opt_state)
+        return InnerState(self.theta.detach(), opt_state, self.buffers, self.step)
 
 
 class FlatTask:
@@ -86,10 +73,12 @@ class FlatTask:
             for n, c, s in zip(self.names, chunks, self.shapes, strict=True)
         }
 
-    def init_state(self) -> InnerState:
+    def init_state(self, optimizer: InnerOptimizer | None = None) -> InnerState:
+        """The state before step 0 (no optimiser state without ``optimizer``)."""
         theta = self._init_theta.detach().clone()
         buffers = {k: b.clone() for k, b in self._init_buffers.items()}
-        return InnerState(theta, torch.zeros_like(theta), buffers, 0)
+        opt_state = optimizer.init(theta) if optimizer is not None else ()
+        return InnerState(theta, opt_state, buffers, 0)
 
     def train_loss(self, theta: Tensor, buffers: Buffers, batch: Batch) -> Tensor:
         return self.task.train_loss(self.unflatten(theta), buffers, batch)
@@ -121,6 +110,119 @@ class FlatTask:
     def evaluate(self, state: InnerState, split: str = "test") -> dict[str, float]:
         with torch.no_grad():
             return self.task.evaluate(self.unflatten(state.theta.detach()), state.buffers, split)
+
+
+def resolve_groups(
+    schedule: HyperSchedule, names: Sequence[str], numels: Sequence[int]
+) -> dict[str, Tensor]:
+    """For every per-group hyperparameter, the group of each flat parameter coordinate.
+
+    Returns ``{name: LongTensor [P]}`` indexing ``schedule.groups[name]``'s groups in order.
+
+    Raises:
+        ConfigError: a pattern that matches no parameter, a parameter matched by two groups,
+            or a parameter matched by none (one line, naming the key).
+    """
+    out = {}
+    for name, groups in schedule.groups.items():
+        owner: dict[str, str] = {}
+        for group, patterns in groups.items():
+            for pattern in patterns:
+                matched = [p for p in names if fnmatch.fnmatchcase(p, pattern)]
+                if not matched:
+                    raise ConfigError(
+                        f"schedule.{name}.groups.{group}: pattern {pattern!r} matches no "
+                        f"parameter; parameters: {', '.join(names)}"
+                    )
+                for p in matched:
+                    if owner.get(p, group) != group:
+                        raise ConfigError(
+                            f"schedule.{name}.groups: parameter {p!r} is in both "
+                            f"{owner[p]} and {group}; each parameter belongs to one group"
+                        )
+                    owner[p] = group
+        left = [p for p in names if p not in owner]
+        if left:
+            raise ConfigError(
+                f"schedule.{name}.groups: parameter(s) {', '.join(left)} belong to no group; "
+                "every parameter needs one (a pattern such as '*' for the rest)"
+            )
+        order = {g: i for i, g in enumerate(groups)}
+        index = [
+            torch.full((n,), order[owner[p]], dtype=torch.long)
+            for p, n in zip(names, numels, strict=True)
+        ]
+        out[name] = torch.cat(index)
+    return out
+
+
+class Steps:
+    """One run's per-step hyperparameter values and the optimiser's step with them.
+
+    ``values(t)`` is ``{key: 0-d tensor}`` of the values in force at step ``t`` (one per
+    schedule key); :meth:`expand` maps them to what the optimiser reads (``{name: 0-d tensor}``,
+    or ``[P]`` for a per-group hyperparameter: each coordinate gets its group's value; names the
+    schedule omits get the optimiser's default). Both are differentiable, so forward mode
+    takes the ``jvp`` of :meth:`step` in the per-key values and reverse mode backpropagates
+    through them.
+
+    Args:
+        flat: the task, flattened (parameter names and sizes for groups; device and dtype).
+        schedule: the values and the optimiser.
+        values: shared values to build the table from instead of ``schedule.values`` (leaves
+            that require grad make the run differentiable in them).
+    """
+
+    def __init__(
+        self,
+        flat: FlatTask,
+        schedule: HyperSchedule,
+        values: dict[str, Tensor] | None = None,
+    ) -> None:
+        task = flat.task
+        self.schedule = schedule
+        self.optimizer = schedule.optimizer
+        self.table = schedule.table(task.device, task.dtype, values)
+        self.keys = schedule.keys
+        index = resolve_groups(schedule, flat.names, flat.numels)
+        self._groups = {
+            name: ([f"{name}/{g}" for g in schedule.groups[name]], idx.to(task.device))
+            for name, idx in index.items()
+        }
+        named = {split_key(k)[0] for k in self.keys}
+        self._defaults = {
+            name: torch.tensor(h.default, device=task.device, dtype=task.dtype)
+            for name, h in self.optimizer.hyperparameters.items()
+            if name not in named
+        }
+
+    def values(self, t: int) -> dict[str, Tensor]:
+        """``{key: 0-d tensor}``: every key's value at step ``t``."""
+        return {k: self.table[k][t] for k in self.keys}
+
+    def expand(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-key values as the optimiser's ``h``: ``{name: 0-d tensor or [P]}``."""
+        h = dict(self._defaults)
+        for k, v in values.items():
+            name, group = split_key(k)
+            if group is None:
+                h[name] = v
+        for name, (keys, idx) in self._groups.items():
+            h[name] = torch.stack([values[k] for k in keys])[idx]
+        return h
+
+    def step(
+        self, t: int, theta: Tensor, opt_state: State, grad: Tensor, values: dict[str, Tensor]
+    ) -> tuple[Tensor, State]:
+        """The optimiser's step ``t`` (0-based) with per-key ``values``."""
+        return self.optimizer.step(theta, opt_state, grad, self.expand(values), t + 1)
+
+    def init_state(self, flat: FlatTask) -> InnerState:
+        return flat.init_state(self.optimizer)
+
+    def describe(self) -> str:
+        """The largest value of every key, for divergence messages."""
+        return ", ".join(f"max {k} {float(v.max()):.4g}" for k, v in self.table.items())
 
 
 PROGRESS_MIN_STEPS = 2000
@@ -158,52 +260,59 @@ def val_loss_and_grad(task: Task, params: Params, buffers: Buffers) -> tuple[flo
 
 
 GradFn = Callable[[int, InnerState, Batch], Tensor]
+StepFn = Callable[[int, InnerState, Tensor], tuple[Tensor, State]]
 StepHook = Callable[[int, InnerState, InnerState, Batch], None]
 
 
 def train(
     flat: FlatTask,
-    table: dict[str, Tensor],
+    steps: Steps,
     state: InnerState,
     stop: int,
     *,
     grad_fn: GradFn | None = None,
+    step_fn: StepFn | None = None,
     on_step: StepHook | None = None,
 ) -> InnerState:
     """Run inner steps ``state.step .. stop-1`` and return the state after them.
 
     Args:
         flat: the task, flattened.
-        table: ``{type: Tensor[T]}`` of per-step values (:meth:`HyperSchedule.table`). Tensors
-            that require grad make the run differentiable in them (reverse mode).
-        state: where to start (``flat.init_state()`` for a fresh run).
+        steps: the per-step values and the optimiser (:class:`Steps`). Values that require
+            grad make the run differentiable in them (reverse mode).
+        state: where to start (``steps.init_state(flat)`` for a fresh run).
         stop: the step to stop before.
         grad_fn: ``(t, state, batch) -> gradient`` (default: plain ``torch.func`` gradient).
+        step_fn: ``(t, state, gradient) -> (theta, opt_state)`` (default: ``steps.step`` with
+            step t's values); forward mode's computes the update together with its tangents.
         on_step: ``(t, state_before, state_after, batch)``, called after every step.
 
     Raises:
         DivergenceError: the parameters are not finite at the end.
     """
     grad_fn = grad_fn or flat.grad
-    lr, mom, wd = table["lr"], table["momentum"], table["weight_decay"]
-    steps: Iterable[int] = range(state.step, stop)
+    if step_fn is None:
+
+        def step_fn(t: int, st: InnerState, g: Tensor) -> tuple[Tensor, State]:
+            return steps.step(t, st.theta, st.opt_state, g, steps.values(t))
+
+    todo: Iterable[int] = range(state.step, stop)
     if stop - state.step >= PROGRESS_MIN_STEPS:  # long runs get a bar (on terminals only)
         quiet = None if distributed.is_main() else True
-        steps = tqdm(steps, desc="inner steps", unit="step", leave=False, disable=quiet)
-    for t in steps:
+        todo = tqdm(todo, desc="inner steps", unit="step", leave=False, disable=quiet)
+    for t in todo:
         batch = flat.batch(t)
         g = grad_fn(t, state, batch)
-        theta, velocity = sgd_step(state.theta, state.velocity, g, lr[t], mom[t], wd[t])
-        new = InnerState(
-            theta, velocity, flat.next_buffers(state.theta, state.buffers, batch), t + 1
-        )
+        theta, opt_state = step_fn(t, state, g)
+        buffers = flat.next_buffers(state.theta, state.buffers, batch)
+        new = InnerState(theta, opt_state, buffers, t + 1)
         if on_step is not None:
             on_step(t, state, new, batch)
         state = new
     if not bool(torch.isfinite(state.theta).all()):
         raise DivergenceError(
             f"inner training diverged: parameters are not finite after step {state.step} "
-            f"(max lr {float(lr.max()):.4g}, max momentum {float(mom.max()):.4g})"
+            f"({steps.describe()})"
         )
     return state
 
@@ -211,7 +320,7 @@ def train(
 def fit(task: Task, schedule: HyperSchedule) -> tuple[FlatTask, InnerState]:
     """Train from the task's initial parameters over the whole horizon with ``schedule``."""
     flat = FlatTask(task)
-    table = schedule.table(task.device, task.dtype)
+    steps = Steps(flat, schedule)
     with torch.no_grad():
-        state = train(flat, table, flat.init_state(), schedule.horizon)
+        state = train(flat, steps, steps.init_state(flat), schedule.horizon)
     return flat, state

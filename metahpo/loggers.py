@@ -28,8 +28,8 @@ Table = tuple[Sequence[str], Sequence[Sequence[Any]]]
 
 def step_metrics(entry: dict[str, Any]) -> dict[str, Any]:
     """One history entry as flat scalars: meta-loss, validation accuracy, seconds, peak memory,
-    the hypergradient's norm (``hypergrad_norm/<type>``) and values (``hypergrad/<type>/<i>``)
-    per type, and the value of every segment (``<type>/<i>``)."""
+    the hypergradient's norm (``hypergrad_norm/<key>``) and values (``hypergrad/<key>/<i>``)
+    per schedule key, and the value of every segment (``<key>/<i>``)."""
     m = {
         k: entry[k]
         for k in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb")

@@ -1,10 +1,13 @@
 """Outer optimisers: move the shared hyperparameter values along their hypergradients.
 
 Each optimiser is a small object with explicit, checkpointable state (a dict of float64
-tensors per type): ``init(schedule)``, ``step(schedule, grads, state) -> (schedule, state)``,
-``converged(before, after, state)`` and ``backtrack(state)`` (after inner training diverged).
-Results are always projected into the bounds. The runner (metahpo/runner.py) decides whether a
-step is accepted (``outer.accept``) and calls ``backtrack`` after a rejected one.
+tensors per schedule key): ``init(schedule)``, ``step(schedule, grads, state) ->
+(schedule, state)``, ``converged(before, after, state)`` and ``backtrack(state)`` (after a
+rejected step). Results are always projected into the bounds. Per-key settings (step sizes,
+learning rates) are read with :func:`metahpo.schedule.per_key`: by key, by hyperparameter name,
+``default``, or (sign descent, Adam and Rprop) a fraction of the key's bounds. The runner
+(metahpo/runner.py) decides whether a step is accepted (``outer.accept``) and calls
+``backtrack`` after a rejected one.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import torch
 from torch import Tensor
 
 from metahpo.core import ConfigError
-from metahpo.schedule import HyperSchedule, positive_per_type, require_types
+from metahpo.schedule import HyperSchedule, per_key, positive_per_type
 
 State = dict[str, Any]
+# A schedule key the per-type settings do not name (``default`` neither) steps by this fraction
+# of its bounds' width (sign descent's step size, Adam's learning rate); see per_key.
+STEP_FRACTION = 0.1
 
 
 def clip_by_norm(grads: Mapping[str, Tensor], max_norm: float | None) -> dict[str, Tensor]:
@@ -45,11 +51,9 @@ class SignDescent:
         self.halve_on_flip = halve_on_flip
 
     def init(self, schedule: HyperSchedule) -> State:
-        require_types("outer.optimizer.step_size", self.step_size, schedule)
+        sizes = per_key("outer.optimizer.step_size", self.step_size, schedule, STEP_FRACTION)
         return {
-            "step": {
-                n: torch.full_like(schedule.values[n], self.step_size[n]) for n in schedule.learned
-            },
+            "step": {n: torch.full_like(schedule.values[n], sizes[n]) for n in schedule.learned},
             "sign": {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned},
         }
 
@@ -105,7 +109,7 @@ class Adam(_ScaledStep):
         self.eps = eps
 
     def init(self, schedule: HyperSchedule) -> State:
-        require_types("outer.optimizer.lr", self.lr, schedule)
+        per_key("outer.optimizer.lr", self.lr, schedule, STEP_FRACTION)
         zeros = {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned}
         return {"m": dict(zeros), "v": dict(zeros), "t": 0, "scale": 1.0}
 
@@ -116,10 +120,10 @@ class Adam(_ScaledStep):
         t = state["t"] + 1
         m = {n: b1 * state["m"][n] + (1 - b1) * grads[n] for n in schedule.learned}
         v = {n: b2 * state["v"][n] + (1 - b2) * grads[n] ** 2 for n in schedule.learned}
-        new_values = {}
+        new_values, lr = {}, per_key("outer.optimizer.lr", self.lr, schedule, STEP_FRACTION)
         for n in schedule.learned:
             m_hat, v_hat = m[n] / (1 - b1**t), v[n] / (1 - b2**t)
-            update = state["scale"] * self.lr[n] * m_hat / (v_hat.sqrt() + self.eps)
+            update = state["scale"] * lr[n] * m_hat / (v_hat.sqrt() + self.eps)
             new_values[n] = schedule.values[n] - update
         return schedule.replace(new_values).project(), {**state, "m": m, "v": v, "t": t}
 
@@ -131,15 +135,14 @@ class SGD(_ScaledStep):
         self.lr = positive_per_type("outer.lr", lr)
 
     def init(self, schedule: HyperSchedule) -> State:
-        require_types("outer.optimizer.lr", self.lr, schedule)
+        per_key("outer.optimizer.lr", self.lr, schedule)
         return {"scale": 1.0}
 
     def step(
         self, schedule: HyperSchedule, grads: Mapping[str, Tensor], state: State
     ) -> tuple[HyperSchedule, State]:
-        new = {
-            n: schedule.values[n] - state["scale"] * self.lr[n] * grads[n] for n in schedule.learned
-        }
+        lr = per_key("outer.optimizer.lr", self.lr, schedule)
+        new = {n: schedule.values[n] - state["scale"] * lr[n] * grads[n] for n in schedule.learned}
         return schedule.replace(new).project(), state
 
 
@@ -187,12 +190,14 @@ class Rprop:
         return hi - lo
 
     def init(self, schedule: HyperSchedule) -> State:
-        if self.fractions is not None:
-            require_types("outer.optimizer.step", self.fractions, schedule)
+        fractions = (
+            {n: self.fraction for n in schedule.learned}
+            if self.fractions is None
+            else per_key("outer.optimizer.step", self.fractions, schedule)  # "lr/g" -> "lr"
+        )
         step = {}
         for n in schedule.learned:
-            frac = self.fraction if self.fractions is None else self.fractions[n]
-            step[n] = torch.full_like(schedule.values[n], frac * self._width(schedule, n))
+            step[n] = torch.full_like(schedule.values[n], fractions[n] * self._width(schedule, n))
         return {"step": step, "sign": {n: torch.zeros_like(step[n]) for n in step}}
 
     def step(

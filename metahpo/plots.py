@@ -16,21 +16,48 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from metahpo import results as results_lib  # noqa: E402
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule  # noqa: E402
+from metahpo.schedule import HyperSchedule, split_key  # noqa: E402
 
-LABELS = {"lr": "learning rate", "momentum": "momentum", "weight_decay": "weight decay"}
+LABELS = {"lr": "learning rate", "weight_decay": "weight decay"}  # else the name itself
+
+
+def panels(schedules: Sequence[HyperSchedule]) -> list[str]:
+    """The hyperparameter names the schedules have, in order: one panel each."""
+    return list(dict.fromkeys(split_key(k)[0] for s in schedules for k in s.keys))
+
+
+def _keys_of(schedule: HyperSchedule, name: str) -> list[tuple[str, str]]:
+    """``(key, suffix)`` of ``name``'s keys: ``[("lr", "")]`` or one per group."""
+    return [
+        (k, f" {split_key(k)[1]}" if "/" in k else "")
+        for k in schedule.keys
+        if split_key(k)[0] == name
+    ]
+
+
+def _grid(n_rows: int, n_panels: int) -> tuple[Figure, Any]:
+    cols = max(1, min(n_panels, 5))
+    return plt.subplots(n_rows, n_panels, figsize=(4.3 * cols, 3.6 * n_rows), squeeze=False)
 
 
 def plot_schedules(schedules: dict[str, HyperSchedule], path: Path, title: str = "") -> Path:
-    """One panel per hyperparameter type, value per inner step, one line per named schedule."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, name in zip(axes, HYPERPARAMETERS, strict=True):
+    """One panel per hyperparameter, value per inner step, one line per named schedule (and
+    per group of a per-group hyperparameter)."""
+    names = panels(list(schedules.values()))
+    fig, axes = _grid(1, len(names))
+    for ax, name in zip(axes[0], names, strict=True):
         for label, sched in schedules.items():
-            ax.step(range(sched.horizon), sched.per_step(name).numpy(), where="post", label=label)
-        ax.set_title(LABELS[name])
+            for key, suffix in _keys_of(sched, name):
+                ax.step(
+                    range(sched.horizon),
+                    sched.per_step(key).numpy(),
+                    where="post",
+                    label=label + suffix,
+                )
+        ax.set_title(LABELS.get(name, name))
         ax.set_xlabel("inner step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][0].legend(fontsize=8)
     return _save(fig, path, title)
 
 
@@ -108,7 +135,7 @@ def plot_meta_loss_comparison(
 def plot_schedule_comparison(
     runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, title: str = ""
 ) -> Path:
-    """Learned schedules overlaid: one panel per task and hyperparameter type, one colour per
+    """Learned schedules overlaid: one panel per task and hyperparameter, one colour per
     label (estimator), one line per run; the baseline dashed in black.
 
     Args:
@@ -116,8 +143,16 @@ def plot_schedule_comparison(
     """
     tasks = _tasks(runs)
     styles = _styles(runs)
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.6 * len(tasks)), squeeze=False)
+    every = [
+        results_lib.learned_schedule(r)
+        for g in runs.values()
+        for r in g
+        if r.get("learned_schedule")
+    ]
+    names = panels(every)
+    fig, axes = _grid(len(tasks), max(1, len(names)))
     for row, task in zip(axes, tasks, strict=True):
+        panel = dict(zip(names, row, strict=False))
         baselines: dict[str, HyperSchedule] = {}
         for label, group in sorted(runs.items()):  # widest lines first
             # a run stopped by divergence before any accepted step learned no schedule
@@ -126,17 +161,20 @@ def plot_schedule_comparison(
                 learned = results_lib.learned_schedule(res)
                 key = repr((res["horizon"], res["baseline_schedule"]))
                 baselines.setdefault(key, results_lib.baseline_schedule(res))
-                for ax, name in zip(row, HYPERPARAMETERS, strict=True):
-                    ax.step(
-                        range(learned.horizon),
-                        learned.per_step(name).numpy(),
-                        where="post",
-                        alpha=0.85,
-                        label=_legend_name(label, group, task) if i == 0 else None,
-                        **styles[label],
-                    )
+                for name, ax in panel.items():
+                    for j, (key, _) in enumerate(_keys_of(learned, name)):
+                        ax.step(
+                            range(learned.horizon),
+                            learned.per_step(key).numpy(),
+                            where="post",
+                            alpha=0.85,
+                            label=_legend_name(label, group, task) if i == 0 and j == 0 else None,
+                            **styles[label],
+                        )
         for j, baseline in enumerate(baselines.values()):
-            for ax, name in zip(row, HYPERPARAMETERS, strict=True):
+            for name, ax in panel.items():
+                if name not in baseline.keys:
+                    continue
                 ax.step(
                     range(baseline.horizon),
                     baseline.per_step(name).numpy(),
@@ -146,8 +184,8 @@ def plot_schedule_comparison(
                     lw=1,
                     label="baseline" if j == 0 else None,
                 )
-        for ax, name in zip(row, HYPERPARAMETERS, strict=True):
-            ax.set_title(f"{task}: {LABELS[name]}")
+        for name, ax in panel.items():
+            ax.set_title(f"{task}: {LABELS.get(name, name)}")
             ax.set_xlabel("inner step")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)

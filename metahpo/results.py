@@ -88,15 +88,17 @@ def learned_schedule(results: dict[str, Any]) -> HyperSchedule:
 def baseline_schedule(results: dict[str, Any]) -> HyperSchedule:
     """The baseline schedule, rebuilt from the ``baseline`` config the run recorded."""
     from metahpo.build import baseline_from_config
+    from metahpo.optim import Recorded
 
     config = OmegaConf.create(results["baseline_schedule"]["config"])
-    return baseline_from_config(config, results["horizon"])
+    names = [str(k) for k in config if k != "lr_decay"]
+    return baseline_from_config(config, results["horizon"], Recorded(names))
 
 
 def schedule_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """The learned schedule as a table: one row per segment, with its inner steps and the
     initial value it started from."""
-    columns = ["type", "segment", "first_step", "last_step", "initial", "learned", "learn"]
+    columns = ["key", "segment", "first_step", "last_step", "initial", "learned", "learn"]
     learned = learned_schedule(results)
     initial = HyperSchedule.from_dict(results["horizon"], results["initial_schedule"])
     rows = []

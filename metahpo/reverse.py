@@ -26,7 +26,7 @@ from torch import Tensor
 
 from metahpo import distributed
 from metahpo.core import Batch, ConfigError
-from metahpo.inner import FlatTask, InnerState, train
+from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.schedule import HyperSchedule
 
 
@@ -37,8 +37,8 @@ class Window:
     Attributes:
         state: the inner state after the window, detached from the graph.
         meta_loss: validation loss after the window.
-        grads: per type, float64 CPU ``[n_segments]``: d(meta_loss)/d(shared value) with the
-            state at the window's start held constant; zeros for fixed types and for segments
+        grads: per key, float64 CPU ``[n_segments]``: d(meta_loss)/d(shared value) with the
+            state at the window's start held constant; zeros for fixed keys and for segments
             the window does not touch.
     """
 
@@ -81,24 +81,23 @@ def window_hypergradient(
 
     Args:
         flat: the task, flattened.
-        schedule: the values in force (only its learned types are differentiated).
+        schedule: the values in force (only its learned keys are differentiated).
         state: the window's start, treated as a constant (its graph, if any, is cut).
         stop: the step to stop before.
 
     Raises:
         DivergenceError: inner training diverged inside the window.
     """
-    task = flat.task
     leaves = {
         name: schedule.values[name].detach().clone().requires_grad_(True)
         for name in schedule.learned
     }
-    table = schedule.table(task.device, task.dtype, values=leaves)
-    start = InnerState(state.theta.detach(), state.velocity.detach(), state.buffers, state.step)
+    steps = Steps(flat, schedule, values=leaves)
+    start = state.detached()
     with torch.enable_grad():
         end = train(
             flat,
-            table,
+            steps,
             start,
             stop,
             grad_fn=lambda t, st, batch: grad_with_graph(flat, t, st, batch),
@@ -111,5 +110,4 @@ def window_hypergradient(
     for name, g in zip(leaves, got, strict=True):
         if g is not None:  # the same on every rank: the graphs have the same shape
             grads[name] = distributed.all_reduce_mean_(g.detach()).to(torch.float64)
-    after = InnerState(end.theta.detach(), end.velocity.detach(), end.buffers, end.step)
-    return Window(after, meta, grads)
+    return Window(end.detached(), meta, grads)

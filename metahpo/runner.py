@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from metahpo import distributed
-from metahpo.build import Setup, build
+from metahpo.build import Setup, baseline_config, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
 from metahpo.device import rng_states, set_rng_states
@@ -25,7 +25,7 @@ from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
 from metahpo.results import SCHEMA_VERSION
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule
+from metahpo.schedule import HyperSchedule
 
 log = logging.getLogger("metahpo")
 SEED_STRIDE = 1000  # outer.seeds=n averages over seed, seed + 1000, ..., seed + 1000 (n - 1)
@@ -502,13 +502,17 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
         "dtype",
         "estimator._target_",
         "outer.optimizer._target_",
+        "optimizer._target_",
         "outer.seeds",
         "outer.accept",
     ):
         out[key] = OmegaConf.select(cfg, key)
-    for name in HYPERPARAMETERS:
-        for part in ("segments", "learn"):
-            out[f"schedule.{name}.{part}"] = OmegaConf.select(cfg, f"schedule.{name}.{part}")
+    for name in cfg.schedule:
+        for part in ("segments", "learn", "groups"):
+            value = OmegaConf.select(cfg, f"schedule.{name}.{part}")
+            if isinstance(value, DictConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+            out[f"schedule.{name}.{part}"] = value
     return out
 
 
@@ -601,7 +605,8 @@ def _results(
         },
         "learned_schedule": loop.learned.to_dict() if loop.learned is not None else None,
         "initial_schedule": setup.schedule.to_dict(),
-        "baseline_schedule": {"config": OmegaConf.to_container(cfg.baseline, resolve=True)},
+        "optimizer": str(cfg.optimizer._target_),
+        "baseline_schedule": {"config": baseline_config(cfg)},
         "history": loop.history,
         "final": final,
         "estimator_seconds": sum(h["seconds"] for h in loop.history if h.get("hypergradient")),

@@ -1,12 +1,14 @@
 """Piecewise-constant hyperparameter schedules with contiguous sharing.
 
-Each type (lr, momentum, weight_decay) has ``n`` values over a horizon of ``T`` inner steps;
-step ``t`` uses value ``floor(n * t / T)``. The gradient with respect to a shared value is the
-sum of the per-step hypergradients over its block of steps.
+Each key (a hyperparameter of the inner optimiser, or one group's value of it) has ``n``
+values over a horizon of ``T`` inner steps; step ``t`` uses value ``floor(n * t / T)``. The
+gradient with respect to a shared value is the sum of the per-step hypergradients over its
+block of steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +17,18 @@ import torch
 from torch import Tensor
 
 from metahpo.core import ConfigError
+from metahpo.optim import SGD, InnerOptimizer, Recorded
 
-HYPERPARAMETERS: tuple[str, ...] = ("lr", "momentum", "weight_decay")
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``"lr/fc1"`` -> ``("lr", "fc1")``; ``"lr"`` -> ``("lr", None)``."""
+    name, sep, group = key.partition("/")
+    return name, (group if sep else None)
 
 
 @dataclass(frozen=True)
 class HyperSpec:
-    """How one hyperparameter type is parameterised: segments, bounds, learned or fixed."""
+    """How one schedule key is parameterised: segments, bounds, learned or fixed."""
 
     n_segments: int
     bounds: tuple[float, float]
@@ -29,11 +36,30 @@ class HyperSpec:
 
 
 class HyperSchedule:
-    """Values of every hyperparameter type, shared over contiguous blocks of inner steps.
+    """Values of the inner optimiser's hyperparameters, shared over contiguous blocks of steps.
+
+    Keys are the optimiser's hyperparameter names (``"lr"``), or ``"<name>/<group>"`` for a
+    hyperparameter learned per group of parameters (``"lr/fc1"``; ``groups`` gives each group's
+    parameter-name patterns). Each key has its own segments, bounds and learned flag. A
+    hyperparameter of the optimiser that the schedule does not name stays at the optimiser's
+    default (:attr:`metahpo.optim.Hyperparameter.default`).
 
     Values are float64 CPU tensors (the outer loop's currency); estimators move them to the
     task's device and dtype with :meth:`per_step`. Instances are immutable: :meth:`replace`
     and :meth:`project` return new ones.
+
+    Args:
+        horizon: inner steps per run.
+        specs: ``{key: HyperSpec}``; its order is the order of keys everywhere.
+        values: ``{key: number or one number per segment}``.
+        optimizer: the inner optimiser (default :class:`metahpo.optim.SGD`).
+        groups: ``{name: {group: (pattern, ...)}}`` for per-group hyperparameters (fnmatch
+            patterns on the task's parameter names, resolved by
+            :func:`metahpo.groups.resolve_groups`).
+
+    Raises:
+        ConfigError: a key that is not a hyperparameter of the optimiser, or a group key
+            without its groups (and the reverse).
     """
 
     def __init__(
@@ -41,19 +67,33 @@ class HyperSchedule:
         horizon: int,
         specs: Mapping[str, HyperSpec],
         values: Mapping[str, Tensor | Sequence[float] | float],
+        optimizer: InnerOptimizer | None = None,
+        groups: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> None:
         self.horizon = int(horizon)
-        self.specs = {name: specs[name] for name in HYPERPARAMETERS}
+        self.optimizer = optimizer if optimizer is not None else SGD()
+        self.groups = {
+            str(n): {str(g): (p,) if isinstance(p, str) else tuple(p) for g, p in gs.items()}
+            for n, gs in (groups or {}).items()
+        }
+        self.specs = dict(specs)
+        _check_keys(self.specs, self.optimizer, self.groups)
         self.values: dict[str, Tensor] = {}
-        for name in HYPERPARAMETERS:
-            n = self.specs[name].n_segments
-            v = torch.as_tensor(values[name], dtype=torch.float64).detach().clone()
-            self.values[name] = v.expand(n).clone() if v.ndim == 0 else v.reshape(n)
+        for key, spec in self.specs.items():
+            if key not in values:
+                raise ConfigError(f"schedule.{key} has no value")
+            n = spec.n_segments
+            v = torch.as_tensor(values[key], dtype=torch.float64).detach().clone()
+            self.values[key] = v.expand(n).clone() if v.ndim == 0 else v.reshape(n)
 
     # -- structure -------------------------------------------------------------------------
     @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    @property
     def learned(self) -> tuple[str, ...]:
-        return tuple(n for n in HYPERPARAMETERS if self.specs[n].learn)
+        return tuple(n for n, s in self.specs.items() if s.learn)
 
     def segment_index(self, name: str) -> Tensor:
         """LongTensor [T]: the segment in force at every step (``floor(n t / T)``)."""
@@ -89,23 +129,24 @@ class HyperSchedule:
         dtype: torch.dtype | None = None,
         values: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Per-step values of every type: ``{name: Tensor[T]}`` (what the inner loop reads)."""
+        """Per-step values of every key: ``{key: Tensor[T]}`` (what the inner loop reads)."""
         values = values or {}
-        return {
-            n: self.per_step(n, values.get(n), device=device, dtype=dtype) for n in HYPERPARAMETERS
-        }
+        return {n: self.per_step(n, values.get(n), device=device, dtype=dtype) for n in self.specs}
 
     def replace(self, values: Mapping[str, Tensor]) -> HyperSchedule:
-        return HyperSchedule(self.horizon, self.specs, {**self.values, **values})
+        return HyperSchedule(
+            self.horizon, self.specs, {**self.values, **values}, self.optimizer, self.groups
+        )
 
     def project(self) -> HyperSchedule:
-        """Clip every value into its bounds (weight decay never negative by default)."""
+        """Clip every value into its bounds."""
         return self.replace({n: v.clamp(*self.specs[n].bounds) for n, v in self.values.items()})
 
     def n_columns(self) -> int:
         return sum(self.specs[n].n_segments for n in self.learned)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{key: {values, segments, bounds, learned}}`` (``results.json``'s schedules)."""
         return {
             n: {
                 "values": self.values[n].tolist(),
@@ -113,25 +154,78 @@ class HyperSchedule:
                 "bounds": list(self.specs[n].bounds),
                 "learned": self.specs[n].learn,
             }
-            for n in HYPERPARAMETERS
+            for n in self.specs
         }
 
     @classmethod
-    def from_dict(cls, horizon: int, d: Mapping[str, Mapping[str, Any]]) -> HyperSchedule:
-        """The schedule :meth:`to_dict` described (``results.json``'s ``learned_schedule``)."""
+    def from_dict(
+        cls,
+        horizon: int,
+        d: Mapping[str, Mapping[str, Any]],
+        optimizer: InnerOptimizer | None = None,
+        groups: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    ) -> HyperSchedule:
+        """The schedule :meth:`to_dict` described (``results.json``'s ``learned_schedule``).
+
+        ``optimizer`` and ``groups`` are not part of the dictionary; without them the schedule
+        is for reading (plots, tables): its optimiser is a :class:`~metahpo.optim.Recorded`
+        that knows the names, and its groups have no patterns.
+        """
+        if optimizer is None:
+            names = list(dict.fromkeys(split_key(k)[0] for k in d))
+            optimizer = Recorded(names)
+            groups = {}
+            for k in d:
+                name, group = split_key(k)
+                if group is not None:
+                    groups.setdefault(name, {})[group] = ()
         specs = {}
-        for n in HYPERPARAMETERS:
-            lo, hi = d[n]["bounds"]
+        for n, entry in d.items():
+            lo, hi = entry["bounds"]
             specs[n] = HyperSpec(
-                int(d[n]["segments"]), (float(lo), float(hi)), bool(d[n]["learned"])
+                int(entry["segments"]), (float(lo), float(hi)), bool(entry["learned"])
             )
-        return cls(horizon, specs, {n: d[n]["values"] for n in HYPERPARAMETERS})
+        return cls(horizon, specs, {n: d[n]["values"] for n in d}, optimizer, groups)
 
     def __repr__(self) -> str:
         parts = ", ".join(
-            f"{n}={[round(x, 5) for x in self.values[n].tolist()]}" for n in HYPERPARAMETERS
+            f"{n}={[round(x, 5) for x in self.values[n].tolist()]}" for n in self.specs
         )
         return f"HyperSchedule(T={self.horizon}, {parts})"
+
+
+def _check_keys(
+    specs: Mapping[str, HyperSpec],
+    optimizer: InnerOptimizer,
+    groups: Mapping[str, Mapping[str, Sequence[str]]],
+) -> None:
+    known = optimizer.hyperparameters
+    for key in specs:
+        name, group = split_key(key)
+        if name not in known:
+            raise ConfigError(
+                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer; "
+                f"allowed: {', '.join(known)}"
+            )
+        if group is None and name in groups:
+            raise ConfigError(
+                f"schedule.{key}: {name} has groups ({', '.join(groups[name])}); "
+                f"name them as {name}/<group>"
+            )
+        if group is not None and group not in groups.get(name, {}):
+            raise ConfigError(
+                f"schedule.{key}: {name} has no group {group!r}; "
+                f"groups: {', '.join(groups.get(name, {})) or 'none'}"
+            )
+    for name, gs in groups.items():
+        missing = [g for g in gs if f"{name}/{g}" not in specs]
+        if name not in known or missing:
+            raise ConfigError(
+                f"schedule.{name}.groups: no schedule entry for group(s) {', '.join(missing)}"
+                if name in known
+                else f"schedule.{name}.groups: {name} is not a hyperparameter of the "
+                f"{optimizer.name} optimizer; allowed: {', '.join(known)}"
+            )
 
 
 def positive_per_type(key: str, values: Mapping[str, float]) -> dict[str, float]:
@@ -148,28 +242,74 @@ def positive_per_type(key: str, values: Mapping[str, float]) -> dict[str, float]
     return out
 
 
-def require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:
-    """Raise ConfigError unless ``per_type`` has an entry for every learned type."""
-    missing = [n for n in schedule.learned if n not in per_type]
+def per_key(
+    key: str,
+    per_type: Mapping[str, float],
+    schedule: HyperSchedule,
+    fraction: float | None = None,
+) -> dict[str, float]:
+    """A number for every learned key of ``schedule``, read from a per-type mapping.
+
+    A key ``"lr/fc1"`` takes ``per_type["lr/fc1"]``, else ``per_type["lr"]``, else
+    ``per_type["default"]``, else (with ``fraction``) ``fraction`` of the width of its bounds
+    when they are finite. Entries for hyperparameters the schedule does not have are unused
+    (the shipped outer configs name SGD's).
+
+    Raises:
+        ConfigError: ``{key} has no entry for ...`` when a learned key gets no number.
+    """
+    out, missing = {}, []
+    for k in schedule.learned:
+        name, _ = split_key(k)
+        lo, hi = schedule.specs[k].bounds
+        for candidate in (k, name, "default"):
+            if candidate in per_type:
+                out[k] = float(per_type[candidate])
+                break
+        else:
+            if fraction is not None and math.isfinite(hi - lo) and hi > lo:
+                out[k] = fraction * (hi - lo)
+            else:
+                missing.append(k)
     if missing:
         raise ConfigError(f"{key} has no entry for {', '.join(missing)}")
+    return out
 
 
-def constant_schedule(horizon: int, **values: float) -> HyperSchedule:
-    """A one-segment, fixed schedule (baselines, retraining, tests)."""
-    specs = {n: HyperSpec(1, (float("-inf"), float("inf")), learn=False) for n in HYPERPARAMETERS}
-    return HyperSchedule(horizon, specs, {n: values.get(n, 0.0) for n in HYPERPARAMETERS})
+def require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:
+    """Raise ConfigError unless ``per_type`` gives a number for every learned key
+    (:func:`per_key` without the bounds fallback)."""
+    per_key(key, per_type, schedule)
 
 
-def cosine_schedule(horizon: int, lr: float, momentum: float, weight_decay: float) -> HyperSchedule:
-    """Cosine-annealed learning rate (one value per step), constant momentum and weight decay."""
+def constant_schedule(
+    horizon: int, optimizer: InnerOptimizer | None = None, **values: float
+) -> HyperSchedule:
+    """A one-segment, fixed schedule of every hyperparameter of ``optimizer`` (default SGD);
+    those ``values`` omits take the optimiser's defaults (baselines, retraining, tests).
+
+    Raises:
+        ConfigError: a value for a name that is not a hyperparameter of the optimiser.
+    """
+    optimizer = optimizer if optimizer is not None else SGD()
+    names = optimizer.hyperparameters
+    unknown = [n for n in values if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"baseline.{unknown[0]} is not a hyperparameter of the {optimizer.name} optimizer; "
+            f"allowed: {', '.join(names)}"
+        )
+    specs = {n: HyperSpec(1, (-math.inf, math.inf), learn=False) for n in names}
+    full = {n: float(values.get(n, h.default)) for n, h in names.items()}
+    return HyperSchedule(horizon, specs, full, optimizer)
+
+
+def cosine_schedule(
+    horizon: int, optimizer: InnerOptimizer | None = None, **values: float
+) -> HyperSchedule:
+    """:func:`constant_schedule` with the learning rate cosine-annealed (one value per step)."""
+    base = constant_schedule(horizon, optimizer, **values)
     t = torch.arange(horizon, dtype=torch.float64)
-    lrs = 0.5 * lr * (1 + torch.cos(torch.pi * t / horizon))
-    specs = {
-        "lr": HyperSpec(horizon, (0.0, float("inf")), learn=False),
-        "momentum": HyperSpec(1, (0.0, 1.0), learn=False),
-        "weight_decay": HyperSpec(1, (0.0, float("inf")), learn=False),
-    }
-    return HyperSchedule(
-        horizon, specs, {"lr": lrs, "momentum": momentum, "weight_decay": weight_decay}
-    )
+    lrs = 0.5 * float(base.values["lr"]) * (1 + torch.cos(torch.pi * t / horizon))
+    specs = {**base.specs, "lr": HyperSpec(horizon, (0.0, math.inf), learn=False)}
+    return HyperSchedule(horizon, specs, {**base.values, "lr": lrs}, base.optimizer)

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Mapping
 
 import pytest
 import torch
 
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD, InnerOptimizer
+from metahpo.schedule import HyperSchedule, HyperSpec
 from tasks.digits import Digits
 from tasks.quadratic import Quadratic
 
@@ -37,29 +39,57 @@ def quadratic(**kw) -> Quadratic:
 EXACT_TASKS = {"quadratic": (quadratic, 12), "digits": (small_digits, 9)}
 
 
+# Starting values per optimiser for ``init="nonzero"`` (each segment gets 0.5-1.5 times these).
+BASE_VALUES = {
+    "sgd": {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3},
+    "adam": {"lr": 0.01, "beta1": 0.8, "beta2": 0.9, "eps": 1e-3, "weight_decay": 1e-3},
+    "adamw": {"lr": 0.01, "beta1": 0.8, "beta2": 0.9, "eps": 1e-3, "weight_decay": 0.1},
+}
+# ``init="zero"`` sets these to 0. Never eps (0/0 where Adam's second moment is 0) nor beta2:
+# at 0 the loss is smooth but curves so sharply (sqrt(beta2 v + g^2) for small g) that central
+# differences need steps below 1e-7 (the exact estimators agree there all the same).
+ZERO_ABLE = {"lr", "momentum", "weight_decay", "beta1"}
+
+
 def make_schedule(
     horizon: int,
     sharing: int | str,
     init: str = "nonzero",
-    learn: tuple[str, ...] = HYPERPARAMETERS,
+    learn: tuple[str, ...] | None = None,
     seed: int = 0,
+    optimizer: InnerOptimizer | None = None,
+    groups: Mapping[str, Mapping[str, tuple[str, ...]]] | None = None,
 ) -> HyperSchedule:
-    """A schedule with distinct values per segment (``init="nonzero"``), or lr only non-zero
-    (``"zero_mom_wd"``), or everything zero (``"zero"``, the paper's starting point)."""
+    """A schedule with distinct values per segment (``init="nonzero"``), or lr, beta2 and eps
+    only non-zero (``"zero_mom_wd"``), or every value that can start at zero at zero
+    (``"zero"``, the paper's starting point; for Adam lr, beta1 and weight decay). Keys of
+    ``groups`` get one key per group, each with its own values. ``learn``: names (default:
+    all)."""
+    optimizer = optimizer if optimizer is not None else SGD()
     n = horizon if sharing == "T" else int(sharing)
     g = torch.Generator().manual_seed(seed)
-    base = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
+    base = BASE_VALUES[optimizer.name]
+    groups = groups or {}
+    keys = [
+        f"{name}/{grp}" if name in groups else name
+        for name in optimizer.hyperparameters
+        for grp in (groups.get(name) or [None])
+    ]
     values = {}
-    for name in HYPERPARAMETERS:
-        v = base[name] * (0.5 + torch.rand(n, generator=g, dtype=torch.float64))
-        if init == "zero" or (init == "zero_mom_wd" and name != "lr"):
-            v = torch.zeros(n, dtype=torch.float64)
-        values[name] = v
+    for key in keys:
+        name = key.split("/")[0]
+        r = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+        v = 1 - (1 - base[name]) * r if name.startswith("beta") else base[name] * r
+        zero = (init == "zero" and name in ZERO_ABLE) or (
+            init == "zero_mom_wd" and name in ZERO_ABLE and name != "lr"
+        )
+        values[key] = torch.zeros(n, dtype=torch.float64) if zero else v
+    learned = tuple(optimizer.hyperparameters) if learn is None else learn
     specs = {
-        name: HyperSpec(n, (float("-inf"), float("inf")), learn=name in learn)
-        for name in HYPERPARAMETERS
+        k: HyperSpec(n, (float("-inf"), float("inf")), learn=k.split("/")[0] in learned)
+        for k in keys
     }
-    return HyperSchedule(horizon, specs, values)
+    return HyperSchedule(horizon, specs, values, optimizer, groups)
 
 
 def _next_buffers(task, params, buffers, batch):
@@ -71,33 +101,95 @@ def _next_buffers(task, params, buffers, batch):
         return task.next_buffers({k: p.detach() for k, p in params.items()}, buffers, batch)
 
 
+def _values_of(schedule: HyperSchedule, values, param: str, t: int) -> dict:
+    """The optimiser's hyperparameters for parameter ``param`` at step ``t``: its group's key for
+    a per-group name (matched here with fnmatch), the name's key, or the optimiser's default."""
+    out = {}
+    for name, spec in schedule.optimizer.hyperparameters.items():
+        key = name
+        if name in schedule.groups:
+            (key,) = [
+                f"{name}/{grp}"
+                for grp, patterns in schedule.groups[name].items()
+                if any(fnmatch.fnmatchcase(param, p) for p in patterns)
+            ]
+        if key in values:
+            out[name] = values[key][int(schedule.segment_index(key)[t])]
+        else:
+            out[name] = spec.default
+    return out
+
+
+def _reference_step(optimizer: InnerOptimizer, p, state, g, h, k):
+    """One update of one parameter tensor, written from the torch.optim documentation (not
+    metahpo.optim): SGD (dampening 0, optionally Nesterov), Adam and AdamW; other optimisers
+    (tests' own) with their ``step``."""
+    if optimizer.name == "sgd":
+        d = g + h["weight_decay"] * p
+        v = h["momentum"] * state.get("v", torch.zeros_like(p)) + d
+        step = d + h["momentum"] * v if optimizer.nesterov else v
+        return p - h["lr"] * step, {"v": v}
+    if optimizer.name in ("adam", "adamw"):
+        m = state.get("m", torch.zeros_like(p))
+        v = state.get("v", torch.zeros_like(p))
+        if optimizer.name == "adamw":
+            p = p - h["lr"] * h["weight_decay"] * p
+        else:
+            g = g + h["weight_decay"] * p
+        m = h["beta1"] * m + (1 - h["beta1"]) * g
+        v = h["beta2"] * v + (1 - h["beta2"]) * g**2
+        m_hat = m / (1 - h["beta1"] ** k)
+        # sqrt(v_hat) with a zero derivative where v == 0 (its tangent is 0 there)
+        root = torch.where(
+            v > 0, torch.sqrt(torch.where(v > 0, v, 1.0) / (1 - h["beta2"] ** k)), 0.0
+        )
+        return p - h["lr"] * m_hat / (root + h["eps"]), {"m": m, "v": v}
+    # a user's own optimiser (tests only): its own step, one parameter tensor at a time
+    new, state = optimizer.step(p, state.get("s") or optimizer.init(p), g, h, k)
+    return new, {"s": state}
+
+
+def _reference_run(task, schedule: HyperSchedule, values, differentiable: bool):
+    """Parameters and buffers after the run, parameter by parameter (independent of
+    metahpo.inner and metahpo.optim)."""
+    params, buffers = task.init_params()
+    states = {k: {} for k in params}
+    for t in range(schedule.horizon):
+        batch = task.batch(t)
+        if differentiable:
+            params = {
+                k: p if p.requires_grad else p.requires_grad_(True) for k, p in params.items()
+            }
+            loss = task.train_loss(params, buffers, batch)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        else:
+            ps = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+            grads = torch.autograd.grad(task.train_loss(ps, buffers, batch), list(ps.values()))
+        new_params = {}
+        with torch.set_grad_enabled(differentiable):
+            for (k, p), g in zip(params.items(), grads, strict=True):
+                h = _values_of(schedule, values, k, t)
+                new_params[k], states[k] = _reference_step(
+                    schedule.optimizer, p, states[k], g, h, t + 1
+                )
+        buffers = _next_buffers(task, params, buffers, batch)
+        params = new_params
+    return params, buffers
+
+
 def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, torch.Tensor]]:
     """Plain autograd through the whole unrolled run, written out step by step.
 
     Buffers (batch-norm running statistics) follow the run but are not differentiated.
     """
     values = {
-        n: schedule.values[n].to(task.dtype).clone().requires_grad_(True) for n in HYPERPARAMETERS
+        n: schedule.values[n].to(task.dtype).clone().requires_grad_(True) for n in schedule.keys
     }
-    index = {n: schedule.segment_index(n) for n in HYPERPARAMETERS}
-    params, buffers = task.init_params()
-    velocity = {k: torch.zeros_like(p) for k, p in params.items()}
-    for t in range(schedule.horizon):
-        lr, mu, wd = (values[n][index[n][t]] for n in HYPERPARAMETERS)
-        params = {k: p if p.requires_grad else p.requires_grad_(True) for k, p in params.items()}
-        batch = task.batch(t)
-        loss = task.train_loss(params, buffers, batch)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        new_params = {}
-        for (k, p), g in zip(params.items(), grads, strict=True):
-            velocity[k] = mu * velocity[k] + g + wd * p
-            new_params[k] = p - lr * velocity[k]
-        buffers = _next_buffers(task, params, buffers, batch)
-        params = new_params
+    params, buffers = _reference_run(task, schedule, values, differentiable=True)
     meta = task.val_loss(params, buffers)
-    learned = [n for n in schedule.learned]
+    learned = list(schedule.learned)
     grads = torch.autograd.grad(meta, [values[n] for n in learned], allow_unused=True)
-    out = {n: torch.zeros_like(schedule.values[n]) for n in HYPERPARAMETERS}
+    out = {n: torch.zeros_like(schedule.values[n]) for n in schedule.keys}
     for n, g in zip(learned, grads, strict=True):
         if g is not None:
             out[n] = g.detach().to(torch.float64)
@@ -107,20 +199,8 @@ def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, 
 def final_run(task, schedule: HyperSchedule):
     """Parameters and buffers after a plain (no-grad) run, written independently of
     metahpo.inner."""
-    index = {n: schedule.segment_index(n) for n in HYPERPARAMETERS}
-    params, run_buffers = task.init_params()
-    velocity = {k: torch.zeros_like(p) for k, p in params.items()}
-    for t in range(schedule.horizon):
-        lr, mu, wd = (float(schedule.values[n][index[n][t]]) for n in HYPERPARAMETERS)
-        batch = task.batch(t)
-        ps = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        grads = torch.autograd.grad(task.train_loss(ps, run_buffers, batch), list(ps.values()))
-        run_buffers = _next_buffers(task, params, run_buffers, batch)
-        with torch.no_grad():
-            for (k, p), g in zip(params.items(), grads, strict=True):
-                velocity[k] = mu * velocity[k] + g + wd * p
-                params[k] = p - lr * velocity[k]
-    return params, run_buffers
+    values = {n: v.to(task.dtype) for n, v in schedule.values.items()}
+    return _reference_run(task, schedule, values, differentiable=False)
 
 
 def final_val_loss(task, schedule: HyperSchedule, buffers=None) -> float:
@@ -142,26 +222,28 @@ def central_differences(
     With ``freeze_buffers`` the validation loss of every perturbed run is taken with the
     buffers (batch-norm running statistics) of the unperturbed run: the derivative that treats
     them as constants, which is what the estimators compute (PAPER.md). Tasks without buffers
-    are unaffected.
+    are unaffected. Adam's ``eps`` (a small value in a denominator) is stepped by ``eps / 100``.
     """
     frozen = final_run(task, schedule)[1] if freeze_buffers and task.init_params()[1] else None
-    out = {n: torch.zeros_like(schedule.values[n]) for n in HYPERPARAMETERS}
+    out = {n: torch.zeros_like(schedule.values[n]) for n in schedule.keys}
     for n in schedule.learned:
+        h = eps / 100 if n.split("/")[0] == "eps" else eps
         for k in range(schedule.specs[n].n_segments):
             plus, minus = schedule.values[n].clone(), schedule.values[n].clone()
-            plus[k] += eps
-            minus[k] -= eps
+            plus[k] += h
+            minus[k] -= h
             f_plus = final_val_loss(task, schedule.replace({n: plus}), frozen)
             f_minus = final_val_loss(task, schedule.replace({n: minus}), frozen)
-            out[n][k] = (f_plus - f_minus) / (2 * eps)
+            out[n][k] = (f_plus - f_minus) / (2 * h)
     return out
 
 
 def assert_grads_close(
     got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], rtol: float
 ) -> None:
-    """Every type agrees to ``rtol`` relative to that type's largest entry (exact zeros too)."""
-    for n in HYPERPARAMETERS:
+    """Every key agrees to ``rtol`` relative to that key's largest entry (exact zeros too)."""
+    assert set(got) == set(want), f"keys differ: {sorted(got)} vs {sorted(want)}"
+    for n in want:
         g, w = got[n].to(torch.float64), want[n].to(torch.float64)
         scale = float(w.abs().max())
         if scale == 0.0:

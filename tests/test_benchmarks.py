@@ -97,3 +97,22 @@ def test_bad_options_fail_in_one_line(args: list[str], message: str, capsys) -> 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("benchmarks: error: ") and message in err and "\n" not in err, err
+
+
+def test_optimizer_step_benchmark_runs_every_path() -> None:
+    """``python -m benchmarks.optimizer_step --quick``: every path timed for SGD and AdamW."""
+    from benchmarks import optimizer_step
+
+    out = optimizer_step.main(["--quick", "--repeats", "1"])
+    rows = out["rows"]
+    assert [(r["optimizer"], r["columns"]) for r in rows] == [
+        ("sgd", 1),
+        ("sgd", 5),
+        ("adamw", 1),
+        ("adamw", 5),
+    ]
+    for r in rows:
+        paths = ["plain", "generic", "update_generic"]
+        paths += ["specialised", "update_specialised"] if r["optimizer"] == "sgd" else []
+        assert all(r[p] > 0 for p in paths), r
+        assert ("specialised" in r) == (r["optimizer"] == "sgd")

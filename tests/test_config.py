@@ -12,12 +12,19 @@ import metahpo
 from metahpo.build import build
 from metahpo.config import GROUPS, config_dir, options
 from metahpo.core import ConfigError
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_config_file_composes_and_instantiates(group: str) -> None:
     for option in options(group):
-        cfg = metahpo.compose([f"{group}={option}"])
+        # a schedule named after an optimiser is that optimiser's
+        extra = (
+            [f"optimizer={option}"]
+            if group == "schedule" and option in options("optimizer")
+            else []
+        )
+        cfg = metahpo.compose([f"{group}={option}", *extra])
         if group == "experiment":
             continue
         if group in ("estimator", "logger"):
@@ -36,7 +43,7 @@ def test_defaults_are_the_main_job() -> None:
     assert cfg.estimator._target_ == "estimators.forward.ForwardMode"
     assert cfg.outer.optimizer._target_ == "metahpo.outer.Rprop"
     assert cfg.outer.accept == "meta_loss" and cfg.outer.seeds == 1 and cfg.outer.budget == 32
-    assert all(cfg.schedule[n].init == 0.0 for n in metahpo.HYPERPARAMETERS)
+    assert all(cfg.schedule[n].init == 0.0 for n in HYPERPARAMETERS)
     assert config_dir().name == "configs"
 
 
@@ -108,4 +115,4 @@ def test_claim_from_zero_is_claim_greedy_s_forward_arm() -> None:
     a = metahpo.compose(["experiment=claim_from_zero"])
     b = metahpo.compose(["experiment=claim_greedy", "estimator=forward"])
     assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
-    assert all(a.schedule[n].init == 0.0 and a.schedule[n].learn for n in metahpo.HYPERPARAMETERS)
+    assert all(a.schedule[n].init == 0.0 and a.schedule[n].learn for n in HYPERPARAMETERS)

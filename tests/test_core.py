@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from metahpo.core import ConfigError
-from metahpo.inner import FlatTask, fit, sgd_step
+from metahpo.inner import FlatTask, fit
+from metahpo.optim import SGD as InnerSGD
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.outer import SGD, Adam, Rprop, SignDescent, clip_by_norm
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec, cosine_schedule
+from metahpo.schedule import HyperSchedule, HyperSpec, cosine_schedule, per_key
 from tests.conftest import make_schedule, quadratic, small_digits
 
 
@@ -63,18 +65,12 @@ def test_sgd_step_is_torch_optim_sgd(hps: list[tuple[float, float, float]]) -> N
         ((w - target) ** 4).sum().backward()
         opt.step()
 
-    theta, v = w0.clone(), torch.zeros_like(w0)
-    for lr, mu, wd in hps:
+    theta, state = w0.clone(), InnerSGD().init(w0)
+    for k, (lr, mu, wd) in enumerate(hps, 1):
         grad = 4 * (theta - target) ** 3
-        f64 = {"dtype": torch.float64}
-        theta, v = sgd_step(
-            theta,
-            v,
-            grad,
-            torch.tensor(lr, **f64),
-            torch.tensor(mu, **f64),
-            torch.tensor(wd, **f64),
-        )
+        h = {"lr": lr, "momentum": mu, "weight_decay": wd}
+        h = {n: torch.tensor(v, dtype=torch.float64) for n, v in h.items()}
+        theta, state = InnerSGD().step(theta, state, grad, h, k)
     torch.testing.assert_close(theta, w.detach(), rtol=1e-14, atol=1e-14)
 
 
@@ -244,7 +240,25 @@ def test_optimiser_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"outer.lr.momentum='x'"):
         Adam({"lr": 0.1, "momentum": "x"})
     with pytest.raises(ConfigError, match="no entry for lr"):
-        SignDescent({"momentum": 0.1}).init(_schedule([0.1]))
+        SignDescent({"momentum": 0.1}).init(_schedule([0.1], bounds=(0.0, float("inf"))))
+    with pytest.raises(ConfigError, match="no entry for lr"):
+        SGD({"momentum": 0.1}).init(_schedule([0.1]))  # SGD's lr has no bounds fallback
+
+
+def test_per_key_settings_fall_back_by_name_default_and_bounds() -> None:
+    """A key takes its own entry, its hyperparameter's, ``default``'s, or a bounds fraction."""
+    specs = {
+        "lr/a": HyperSpec(1, (0.0, 1.0)),
+        "lr/b": HyperSpec(1, (0.0, 1.0)),
+        "momentum": HyperSpec(1, (0.0, 0.5)),
+        "weight_decay": HyperSpec(1, (0.0, 0.01)),
+    }
+    groups = {"lr": {"a": ("0.*",), "b": ("2.*",)}}
+    s = HyperSchedule(10, specs, dict.fromkeys(specs, 0.0), groups=groups)
+    got = per_key("k", {"lr/a": 3.0, "lr": 2.0, "momentum": 1.0}, s, fraction=0.1)
+    assert got == pytest.approx({"lr/a": 3.0, "lr/b": 2.0, "momentum": 1.0, "weight_decay": 1e-3})
+    got = per_key("k", {"default": 5.0}, s)
+    assert got == dict.fromkeys(specs, 5.0)
 
 
 def test_validation_gradient_is_accumulated_chunk_by_chunk(digits_small) -> None:

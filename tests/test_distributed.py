@@ -115,9 +115,8 @@ def _pieces(rank: int) -> dict[str, Any]:
     wrn = tiny_wrn()
     hg = ForwardMode().hypergradient(wrn, make_schedule(4, 2))
     flat_wrn = FlatTask(wrn)
-    state = metahpo.train(
-        flat_wrn, make_schedule(4, 2).table(wrn.device, wrn.dtype), flat_wrn.init_state(), 4
-    )
+    steps = metahpo.Steps(flat_wrn, make_schedule(4, 2))
+    state = metahpo.train(flat_wrn, steps, steps.init_state(flat_wrn), 4)
     out["bn"] = (hg.meta_loss, hg.grads, state.buffers)
     for key, build in (
         ("exact_reverse", lambda: distributed.check(task, ExactReverse(), "exact_reverse")),

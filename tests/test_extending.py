@@ -1,4 +1,5 @@
-"""docs/extending.md works as written: a user's own estimator and task, from their own package."""
+"""docs/extending.md works as written: a user's own estimator, inner optimiser and task, from
+their own package."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(body)
         written += 1
-    assert written == 4
+    assert written == 7
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -55,3 +56,17 @@ def test_user_estimator_and_task_from_their_own_config_dir(user_project: Path) -
     ours = metahpo.hypergradient(metahpo.compose([*common, "estimator=forward"]))
     assert theirs.meta_loss == pytest.approx(ours.meta_loss, rel=1e-12)
     assert_grads_close(theirs.grads, ours.grads, rtol=1e-6)
+
+
+def test_user_optimiser_from_their_own_config_dir(user_project: Path) -> None:
+    """The doc's SmoothLion: its schedule file, forward mode equal to exact reverse."""
+    search = f"hydra.searchpath=[file://{user_project / 'myconfigs'}]"
+    common = [search, "task=wine", "dtype=float64", "horizon=8", "optimizer=smooth_lion"]
+    setup = build(metahpo.compose([*common, "estimator=forward"]))
+    assert setup.schedule.keys == ("lr", "temperature")
+    assert setup.schedule.values["temperature"].tolist() == [1e-3]  # the class's default
+    assert setup.baseline.optimizer.name == "smooth_lion"
+    fwd = setup.estimator.hypergradient(setup.task, setup.schedule)
+    rev = metahpo.hypergradient(metahpo.compose([*common, "estimator=exact_reverse"]))
+    assert float(fwd.grads["temperature"].abs().max()) > 0
+    assert_grads_close(fwd.grads, rev.grads, rtol=1e-10)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from estimators.forward import ForwardMode
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
+from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import (
     EXACT_TASKS,
     SHARING,

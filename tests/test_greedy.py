@@ -16,7 +16,8 @@ from estimators.exact_reverse import ExactReverse
 from estimators.greedy import Greedy
 from estimators.truncated_reverse import TruncatedReverse
 from metahpo.core import ConfigError
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
+from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import assert_grads_close, make_schedule, quadratic, small_digits
 
 TASKS = {"quadratic": quadratic, "digits": small_digits}

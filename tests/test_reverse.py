@@ -17,7 +17,8 @@ from estimators.forward import ForwardMode
 from estimators.truncated_reverse import TruncatedReverse
 from metahpo.build import build
 from metahpo.core import ConfigError
-from metahpo.schedule import HYPERPARAMETERS, HyperSchedule, HyperSpec
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
+from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import (
     EXACT_TASKS,
     SHARING,

@@ -26,6 +26,7 @@ from metahpo import compare
 from metahpo import results as results_lib
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.loggers import resolve_mode, sweep_group
+from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from tests.wandb_files import read_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +89,7 @@ def test_sweep_runs_are_in_wandb_as_in_results_json(sweep: Path) -> None:
             assert row["_step"] == h["outer_step"]
             for key in ("meta_loss", "val_accuracy", "seconds", "peak_memory_mb"):
                 assert row[key] == h[key]
-            for n in metahpo.HYPERPARAMETERS:
+            for n in HYPERPARAMETERS:
                 assert [row[f"{n}/{i}"] for i in range(2)] == h["schedule"][n]
                 assert [row[f"hypergrad/{n}/{i}"] for i in range(2)] == h["hypergradient"][n]
                 norm = math.hypot(*h["hypergradient"][n])
