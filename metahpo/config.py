@@ -416,3 +416,21 @@ def _validate_outer(cfg: DictConfig) -> None:
     select = OmegaConf.select(cfg, "outer.select")
     if select not in ("best", "last"):
         raise ConfigError(f"outer.select={select!r} is unknown; allowed: best, last")
+    accept = OmegaConf.select(cfg, "outer.accept")
+    if accept not in ("finite", "meta_loss"):
+        raise ConfigError(f"outer.accept={accept!r} is unknown; allowed: finite, meta_loss")
+    tolerance = OmegaConf.select(cfg, "outer.tolerance")
+    if not _is_number(tolerance) or tolerance < 0:
+        raise ConfigError(
+            f"outer.tolerance={tolerance!r} must be a number >= 0 (the meta-loss rise allowed "
+            "over the best accepted one, as a fraction of it)"
+        )
+    seeds = _int(cfg, "outer.seeds", low=1, what=" (inner seeds averaged per outer step)")
+    budget = OmegaConf.select(cfg, "outer.budget")
+    if budget is not None:
+        _int(
+            cfg,
+            "outer.budget",
+            low=2 * seeds,
+            what=f" or null (inner runs; an outer step and a score take 2 x outer.seeds={seeds})",
+        )

@@ -2,20 +2,24 @@
 
 Each optimiser is a small object with explicit, checkpointable state (a dict of float64
 tensors per schedule key): ``init(schedule)``, ``step(schedule, grads, state) ->
-(schedule, state)``, ``converged(before, after, state)`` and ``backtrack(state)`` (after inner
-training diverged). Results are always projected into the bounds. Per-key settings (step sizes,
+(schedule, state)``, ``converged(before, after, state)`` and ``backtrack(state)`` (after a
+rejected step). Results are always projected into the bounds. Per-key settings (step sizes,
 learning rates) are read with :func:`metahpo.schedule.per_key`: by key, by hyperparameter name,
-``default``, or (sign descent and Adam) a fraction of the key's bounds.
+``default``, or (sign descent, Adam and Rprop) a fraction of the key's bounds. The runner
+(metahpo/runner.py) decides whether a step is accepted (``outer.accept``) and calls
+``backtrack`` after a rejected one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from metahpo.core import ConfigError
 from metahpo.schedule import HyperSchedule, per_key, positive_per_type
 
 State = dict[str, Any]
@@ -140,3 +144,102 @@ class SGD(_ScaledStep):
         lr = per_key("outer.optimizer.lr", self.lr, schedule)
         new = {n: schedule.values[n] - state["scale"] * lr[n] * grads[n] for n in schedule.learned}
         return schedule.replace(new).project(), state
+
+
+class Rprop:
+    """Sign steps measured in each value's bounds range, grown while the sign holds (Rprop).
+
+    Every shared value ``h`` has its own step ``s_h``, starting at ``step`` times the width of
+    its key's bounds (``hi - lo``), so one setting suits any hyperparameter (a learning rate in
+    [0, 1], a weight decay in [0, 0.01], an Adam beta in [0, 0.999]): ``h <- h - sign(g) s_h``;
+    ``s_h`` grows by ``grow`` while the sign of ``g`` holds and shrinks by ``shrink`` when it
+    flips, within ``[min_step, max_step]`` times the width. The step ignores the hypergradient's
+    magnitude, which near the edge of stability spans many decades without carrying
+    information; ``backtrack`` (after a rejected step) halves every step. Converged when every
+    step is below ``stop_fraction`` of its value's magnitude or down at ``min_step``.
+    """
+
+    def __init__(
+        self,
+        step: float | Mapping[str, float] = 0.05,
+        grow: float = 1.2,
+        shrink: float = 0.5,
+        max_step: float = 0.25,
+        min_step: float = 1e-4,
+    ) -> None:
+        if isinstance(step, Mapping):
+            self.fractions: dict[str, float] | None = positive_per_type(
+                "outer.optimizer.step", step
+            )
+            self.fraction = 0.0
+        else:
+            self.fractions, self.fraction = None, _positive("step", step, high=1.0)
+        self.grow = _positive("grow", grow, low=1.0)
+        self.shrink = _positive("shrink", shrink, high=1.0)
+        self.max_step = _positive("max_step", max_step, high=1.0)
+        self.min_step = _positive("min_step", min_step, high=self.max_step)
+
+    @staticmethod
+    def _width(schedule: HyperSchedule, name: str) -> float:
+        lo, hi = schedule.specs[name].bounds
+        if not math.isfinite(hi - lo) or hi <= lo:
+            raise ConfigError(
+                f"outer.optimizer.step: Rprop steps are fractions of each key's bounds, but "
+                f"schedule.{name}.bounds=[{lo}, {hi}] has no finite width; give finite bounds"
+            )
+        return hi - lo
+
+    def init(self, schedule: HyperSchedule) -> State:
+        fractions = (
+            {n: self.fraction for n in schedule.learned}
+            if self.fractions is None
+            else per_key("outer.optimizer.step", self.fractions, schedule)  # "lr/g" -> "lr"
+        )
+        step = {}
+        for n in schedule.learned:
+            step[n] = torch.full_like(schedule.values[n], fractions[n] * self._width(schedule, n))
+        return {"step": step, "sign": {n: torch.zeros_like(step[n]) for n in step}}
+
+    def step(
+        self, schedule: HyperSchedule, grads: Mapping[str, Tensor], state: State
+    ) -> tuple[HyperSchedule, State]:
+        new_values, steps, signs = {}, {}, {}
+        for n in schedule.learned:
+            width = self._width(schedule, n)
+            sign = torch.sign(grads[n])
+            agree = sign * state["sign"][n]
+            step = state["step"][n].clone()
+            step = torch.where(agree > 0, step * self.grow, step)
+            step = torch.where(agree < 0, step * self.shrink, step)
+            step = step.clamp(self.min_step * width, self.max_step * width)
+            new_values[n] = schedule.values[n] - sign * step
+            steps[n] = step
+            signs[n] = torch.where(sign == 0, state["sign"][n], sign)
+        return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
+
+    def converged(
+        self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
+    ) -> bool:
+        for n in after.learned:
+            floor = self.min_step * self._width(after, n) * (1 + 1e-9)
+            step = state["step"][n]
+            if not bool(((step < frac * after.values[n].abs()) | (step <= floor)).all()):
+                return False
+        return True
+
+    def backtrack(self, state: State) -> State:
+        return {**state, "step": {n: s / 2 for n, s in state["step"].items()}}
+
+
+def _positive(
+    key: str, value: Any, *, low: float | None = None, high: float | None = None
+) -> float:
+    """``value`` as a float in ``(0, high]`` (``[low, high]`` when ``low`` is given)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low is not None else value > 0)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        lower = f">= {low}" if low is not None else "> 0"
+        upper = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"outer.optimizer.{key}={value!r} must be a number {lower}{upper}")
+    return float(value)

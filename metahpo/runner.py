@@ -28,7 +28,8 @@ from metahpo.results import SCHEMA_VERSION
 from metahpo.schedule import HyperSchedule
 
 log = logging.getLogger("metahpo")
-CHECKPOINT_VERSION = 2
+SEED_STRIDE = 1000  # outer.seeds=n averages over seed, seed + 1000, ..., seed + 1000 (n - 1)
+CHECKPOINT_VERSION = 3
 
 
 def hypergradient(cfg: DictConfig) -> Hypergradient:
@@ -128,11 +129,16 @@ def _rank_view(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConf
 
 
 class _OuterLoop:
-    """Hypergradient, step, log, checkpoint; rejects outer steps whose inner run diverges.
+    """Hypergradient, step, log, checkpoint; rejects outer steps whose inner run diverges or,
+    with ``outer.accept=meta_loss``, whose meta-loss rises above ``1 + outer.tolerance`` times
+    the best accepted one.
 
     A rejected step leaves the hyperparameters where the last accepted step put them (the
     anchor) and retries from there with the outer step halved; ``outer.max_failures``
     consecutive rejections stop the run, which then reports the best schedule it visited.
+    With ``outer.seeds=n`` every estimate is the mean over ``n`` inner seeds (initial weights
+    and batch order); ``inner_runs`` counts the inner training runs (one per seed of every
+    estimate or score) against ``outer.budget``.
     """
 
     def __init__(self, cfg: DictConfig, setup: Setup, out_dir: Path | None) -> None:
@@ -149,8 +155,12 @@ class _OuterLoop:
         self.stopped = "max_steps"
         self.message: str | None = None
         self.k = 0
+        self.inner_runs = 0
         self.learned: HyperSchedule | None = self.schedule
         self.selected = 0
+        n_seeds = int(cfg.outer.seeds)
+        self.seeds = [int(cfg.seed) + SEED_STRIDE * i for i in range(n_seeds)]
+        self.tasks = [setup.task] + [setup.task.with_seed(s) for s in self.seeds[1:]]
         own = out_dir / "checkpoint.pt" if out_dir is not None else None
         if cfg.resume:
             self._resume(Path(str(cfg.resume)))
@@ -177,6 +187,7 @@ class _OuterLoop:
                 "history": self.history,
                 "rejections": self.rejections,
                 "failures": self.failures,
+                "inner_runs": self.inner_runs,
                 "anchor": anchor,
                 "done": self.done,
                 "message": self.message,
@@ -215,6 +226,7 @@ class _OuterLoop:
         self.schedule = base.replace(ckpt["values"])
         self.state, self.history, self.k = ckpt["state"], ckpt["history"], ckpt["k"]
         self.rejections, self.failures = ckpt["rejections"], ckpt["failures"]
+        self.inner_runs = ckpt["inner_runs"]
         anchor = ckpt["anchor"]
         if anchor is not None:
             self.anchor = (base.replace(anchor["values"]), anchor["state"], anchor["grads"])
@@ -236,11 +248,19 @@ class _OuterLoop:
         )
         try:
             while self.done is None and self.k < n_steps:
+                if not self._affordable(2 * len(self.seeds)):  # this estimate and a last score
+                    self.done = "budget"
+                    break
                 try:
-                    hg = setup.estimator.hypergradient(setup.task, self.schedule)
+                    hg = self._hypergradient()
                     _check_finite(hg)
                 except DivergenceError as e:
                     self._reject(str(e))
+                    self._checkpoint()
+                    continue
+                rise = self._rise(hg)
+                if rise is not None:
+                    self._reject(rise, meta_loss=hg.meta_loss)
                     self._checkpoint()
                     continue
                 self.failures = 0
@@ -273,11 +293,88 @@ class _OuterLoop:
         self._select()
         self._checkpoint()
 
-    def _reject(self, reason: str) -> None:
-        """Count a diverged outer step; retry from the anchor with a halved step, or stop."""
+    def _affordable(self, runs: int) -> bool:
+        budget = self.cfg.outer.budget
+        return budget is None or self.inner_runs + runs <= int(budget)
+
+    def _hypergradient(self) -> Hypergradient:
+        """The estimator's answer at the current schedule, averaged over ``outer.seeds``.
+
+        Meta-losses, hypergradients and metrics are means over the seeds; an online estimator's
+        moved schedules are averaged value by value. Every seed's run is counted, diverged too.
+        """
+        estimator, answers = self.setup.estimator, []
+        for task in self.tasks:
+            self.inner_runs += 1
+            hg = estimator.hypergradient(task, self.schedule)
+            _check_finite(hg)  # a diverged seed rejects the step
+            answers.append(hg)
+        if len(answers) == 1:
+            return answers[0]
+        n = len(answers)
+        metrics = {
+            k: statistics.fmean(a.metrics[k] for a in answers)
+            for k, v in answers[0].metrics.items()
+            if isinstance(v, int | float) and all(a.metrics.get(k) is not None for a in answers)
+        }
+        metrics["seed_meta_losses"] = [a.meta_loss for a in answers]
+        moved = None
+        if answers[0].schedule is not None:
+            moved = answers[0].schedule.replace(
+                {m: sum(a.schedule.values[m] for a in answers) / n for m in self.schedule.learned}
+            )
+        return Hypergradient(
+            meta_loss=statistics.fmean(a.meta_loss for a in answers),
+            grads={m: sum(a.grads[m] for a in answers) / n for m in answers[0].grads},
+            seconds=sum(a.seconds for a in answers),
+            peak_memory=max(a.peak_memory for a in answers),
+            inner_steps=sum(a.inner_steps for a in answers),
+            metrics=metrics,
+            schedule=moved,
+        )
+
+    def _rise(self, hg: Hypergradient) -> str | None:
+        """Why ``outer.accept=meta_loss`` rejects this estimate, or None to accept it.
+
+        Only an outer step can be rejected this way (there is an anchor to go back to); an
+        online estimator's schedule is its own run's result, with no outer step to shrink.
+        """
+        if self.anchor is None:
+            return None
+        limit = self._limit()
+        if limit is None or hg.meta_loss <= limit[0]:
+            return None
+        return (
+            f"the meta-loss rose to {hg.meta_loss:.6g}, above {limit[0]:.6g} "
+            f"(outer.tolerance={self.cfg.outer.tolerance} over the best accepted {limit[1]:.6g})"
+        )
+
+    def _limit(self) -> tuple[float, float] | None:
+        """(Highest acceptable meta-loss, best accepted one); None unless accept=meta_loss."""
+        if self.cfg.outer.accept != "meta_loss":
+            return None
+        best = min(
+            (
+                h["meta_loss"]
+                for h in self.history
+                if not h.get("online") and h["meta_loss"] is not None and not h.get("rejected")
+            ),
+            default=None,
+        )
+        if best is None:
+            return None
+        return best + float(self.cfg.outer.tolerance) * abs(best), best
+
+    def _reject(self, reason: str, meta_loss: float | None = None) -> None:
+        """Count a rejected outer step; retry from the anchor with a halved step, or stop."""
         self.failures += 1
         self.rejections.append(
-            {"outer_step": self.k, "reason": reason, "schedule": _values(self.schedule)}
+            {
+                "outer_step": self.k,
+                "reason": reason,
+                "schedule": _values(self.schedule),
+                **({"meta_loss": meta_loss} if meta_loss is not None else {}),
+            }
         )
         self.setup.logger.log(self.k, {"rejected_steps": len(self.rejections)})
         limit = int(self.cfg.outer.max_failures)
@@ -293,8 +390,17 @@ class _OuterLoop:
             return
         schedule, state, grads = self.anchor
         if self.failures >= limit:
-            self.done = "diverged"
             self.schedule = schedule  # the last accepted iterate
+            if meta_loss is not None:  # no shorter step lowers the meta-loss: a local minimum
+                self.done = "no_progress"
+                log.info(
+                    "stopped after %d consecutive rejected outer steps (outer.max_failures=%d): "
+                    "no shorter step keeps the meta-loss down",
+                    self.failures,
+                    limit,
+                )
+                return
+            self.done = "diverged"
             self.message = (
                 f"{reason}: stopped after {self.failures} consecutive rejected outer steps "
                 f"(outer.max_failures={limit}) at outer step {self.k}; lower the outer step "
@@ -320,16 +426,32 @@ class _OuterLoop:
         schedule moved, not from a plain run of their ``schedule``; so an online estimator's
         learned schedule is its last iterate (with its plain-run score). A run stopped by
         divergence is not scored again: its current schedule is the last accepted iterate
-        (already in the history) or the one that just diverged.
+        (already in the history) or the one that just diverged. Under ``outer.accept=meta_loss``
+        a last iterate scored above the acceptance limit is marked ``rejected`` and is no
+        candidate (``select: last`` then reports the last accepted iterate).
         """
         last = self.history[-1] if self.history else None
         fresh = last is None or last.get("online") or last["schedule"] != _values(self.schedule)
-        if fresh and self.stopped != "diverged":
+        if fresh and self.stopped != "diverged" and self._affordable(len(self.seeds)):
             start = time.perf_counter()
             try:
-                scores: dict[str, Any] = meta_loss(self.setup.task, self.schedule)
+                per_seed = []
+                for task in self.tasks:
+                    self.inner_runs += 1
+                    per_seed.append(meta_loss(task, self.schedule))
+                scores: dict[str, Any] = {
+                    "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),
+                    "val_accuracy": _mean_or_none([s["val_accuracy"] for s in per_seed]),
+                }
+                if len(per_seed) > 1:
+                    scores["seed_meta_losses"] = [s["meta_loss"] for s in per_seed]
             except DivergenceError:  # reported, never selected
                 scores = {"meta_loss": None, "val_accuracy": None, "diverged": True}
+            limit = self._limit()
+            if limit is not None and scores["meta_loss"] is not None:
+                # the acceptance rule holds for the last iterate too: never its candidate
+                if scores["meta_loss"] > limit[0]:
+                    scores["rejected"] = True
             self.history.append(
                 {
                     "outer_step": self.k,
@@ -339,7 +461,11 @@ class _OuterLoop:
                     "schedule": _values(self.schedule),
                 }
             )
-        scored = [h for h in self.history if h["meta_loss"] is not None and not h.get("online")]
+        scored = [
+            h
+            for h in self.history
+            if h["meta_loss"] is not None and not h.get("online") and not h.get("rejected")
+        ]
         candidates = scored if self.cfg.outer.select == "best" else scored[-1:]
         if not candidates:
             self.learned = None
@@ -352,6 +478,10 @@ class _OuterLoop:
         self.learned = self.setup.schedule.replace(
             {n: torch.tensor(v, dtype=torch.float64) for n, v in best["schedule"].items()}
         )
+
+
+def _mean_or_none(values: list[Any]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
@@ -373,6 +503,8 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
         "estimator._target_",
         "outer.optimizer._target_",
         "optimizer._target_",
+        "outer.seeds",
+        "outer.accept",
     ):
         out[key] = OmegaConf.select(cfg, key)
     for name in cfg.schedule:
@@ -426,6 +558,18 @@ def _results(
         "rejections": loop.rejections,
         "stop_message": loop.message,
         "selected_outer_step": loop.selected,
+        "outer_loop": {
+            "optimizer": str(cfg.outer.optimizer._target_),
+            "accept": str(cfg.outer.accept),
+            "tolerance": float(cfg.outer.tolerance),
+            "seeds": loop.seeds,
+            "selection": f"{cfg.outer.select}: lowest meta-loss, mean over {len(loop.seeds)} "
+            "inner seed(s)"
+            if cfg.outer.select == "best"
+            else "last: the last iterate",
+            "budget": cfg.outer.budget,
+            "inner_runs": loop.inner_runs,
+        },
         "learned_schedule": loop.learned.to_dict() if loop.learned is not None else None,
         "initial_schedule": setup.schedule.to_dict(),
         "optimizer": str(cfg.optimizer._target_),

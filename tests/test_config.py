@@ -43,7 +43,8 @@ def test_defaults_are_the_main_job() -> None:
     cfg = metahpo.compose()
     assert cfg.task._target_ == "tasks.digits.Digits"
     assert cfg.estimator._target_ == "estimators.forward.ForwardMode"
-    assert cfg.outer.optimizer._target_ == "metahpo.outer.SignDescent"
+    assert cfg.outer.optimizer._target_ == "metahpo.outer.Rprop"
+    assert cfg.outer.accept == "meta_loss" and cfg.outer.seeds == 1 and cfg.outer.budget == 32
     assert all(cfg.schedule[n].init == 0.0 for n in HYPERPARAMETERS)
     assert config_dir().name == "configs"
 
@@ -54,7 +55,8 @@ def test_defaults_are_the_main_job() -> None:
         (["estimator.hvp=magic"], "estimator.hvp='magic' is unknown; allowed: auto, fwd_rev"),
         (["estimator.chunk_size=0"], "estimator.chunk_size=0 must be a positive integer"),
         (["task.batch_size=5000"], "task.batch_size=5000 must be between 1 and the"),
-        (["outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a positive number"),
+        (["outer=sign", "outer.optimizer.step_size.lr=0"], "outer.step_size.lr=0 must be a "),
+        (["outer.optimizer.step=2"], "outer.optimizer.step=2 must be a number > 0 and <= 1.0"),
         (["estimator._target_=nowhere.Nothing"], "estimator._target_='nowhere.Nothing' could not"),
         (
             ["logger=wandb", "logger.wandb.mode=sometimes"],

@@ -9,7 +9,7 @@ from metahpo.core import ConfigError
 from metahpo.inner import FlatTask, fit
 from metahpo.optim import SGD as InnerSGD
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
-from metahpo.outer import SGD, Adam, SignDescent, clip_by_norm
+from metahpo.outer import SGD, Adam, Rprop, SignDescent, clip_by_norm
 from metahpo.schedule import HyperSchedule, HyperSpec, cosine_schedule, per_key
 from tests.conftest import make_schedule, quadratic, small_digits
 
@@ -168,6 +168,54 @@ def test_sign_descent_halves_on_flip_and_projects() -> None:
     assert opt.converged(s, s, {"step": {"lr": torch.tensor([1e-4, 1e-4])}}, 0.05)
     assert not opt.converged(s, s, {"step": {"lr": torch.tensor([1e-4, 0.1])}}, 0.05)
     assert opt.backtrack(state)["step"]["lr"].tolist() == pytest.approx([0.025, 0.0125])
+
+
+def test_rprop_steps_are_fractions_of_the_bounds_and_grow_while_the_sign_holds() -> None:
+    specs = {
+        "lr": HyperSpec(2, (0.0, 2.0)),
+        "momentum": HyperSpec(1, (0.0, 0.5)),
+        "weight_decay": HyperSpec(1, (0.0, 0.01), learn=False),
+    }
+    s = HyperSchedule(10, specs, {"lr": [1.0, 1.0], "momentum": 0.25, "weight_decay": 0.0})
+    opt = Rprop(step=0.1, grow=1.5, shrink=0.5, max_step=0.2, min_step=0.01)
+    state = opt.init(s)
+    assert set(state["step"]) == {"lr", "momentum"}  # learned keys only, whatever their names
+    assert state["step"]["lr"].tolist() == pytest.approx([0.2, 0.2])  # 0.1 of width 2
+    assert state["step"]["momentum"].tolist() == pytest.approx([0.05])  # 0.1 of width 0.5
+    f64 = {"dtype": torch.float64}
+    # the magnitude is ignored: 1e13 moves as far as 1e-3
+    g = {"lr": torch.tensor([1e13, -1e-3], **f64), "momentum": torch.tensor([-2.0], **f64)}
+    s1, state = opt.step(s, g, state)
+    assert s1.values["lr"].tolist() == pytest.approx([0.8, 1.2])
+    assert s1.values["momentum"].tolist() == pytest.approx([0.3])
+    # lr[0] and momentum keep their sign: grow 1.5x; lr[1] flips: halves
+    g2 = {"lr": torch.tensor([1.0, 1.0], **f64), "momentum": torch.tensor([-1.0], **f64)}
+    s2, state = opt.step(s1, g2, state)
+    assert state["step"]["lr"].tolist() == pytest.approx([0.3, 0.1])
+    assert state["step"]["momentum"].tolist() == pytest.approx([0.075])
+    assert s2.values["lr"].tolist() == pytest.approx([0.5, 1.1])
+    assert s2.values["momentum"].tolist() == pytest.approx([0.375])
+    assert opt.backtrack(state)["step"]["lr"].tolist() == pytest.approx([0.15, 0.05])
+    s3, state = opt.step(s2, g2, state)  # 0.45 is capped at max_step: 0.2 of width 2
+    assert state["step"]["lr"].tolist() == pytest.approx([0.4, 0.15])
+    assert s3.values["lr"].tolist() == pytest.approx([0.1, 0.95])
+    # converged once every step is below the fraction of its value (or at min_step)
+    assert not opt.converged(s1, s2, state, 0.05)
+    tiny = {"step": {"lr": torch.tensor([0.02, 0.02]), "momentum": torch.tensor([0.005])}}
+    assert opt.converged(s1, s2, tiny, 0.0)
+
+
+def test_rprop_settings_fail_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.step=1.5 must be a number > 0 and"):
+        Rprop(step=1.5)
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.grow=0.9 must be a number >= 1.0$"):
+        Rprop(grow=0.9)
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.min_step=0.5 must be .* <= 0.25$"):
+        Rprop(min_step=0.5)
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.step has no entry for lr$"):
+        Rprop(step={"momentum": 0.1}).init(_schedule([0.1]))
+    with pytest.raises(ConfigError, match=r"schedule.lr.bounds=\[0.0, inf\] has no finite"):
+        Rprop().init(_schedule([0.1], bounds=(0.0, float("inf"))))
 
 
 def test_adam_and_sgd_move_against_the_gradient() -> None:

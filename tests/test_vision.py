@@ -295,7 +295,8 @@ def test_experiment_runs_on_tiny_data(
     cfg = metahpo.compose([f"experiment={experiment}"])
     assert cfg.device == "auto" and cfg.task.batch_size == 256 and cfg.outer.steps == 10
     assert cfg.task._target_ == DATASETS[task][0].__module__ + "." + DATASETS[task][0].__name__
-    assert dict(cfg.outer.optimizer.step_size) == {"lr": 0.1, "momentum": 0.3, "weight_decay": 4e-4}
+    assert cfg.outer.optimizer._target_ == "metahpo.outer.Rprop" and cfg.outer.budget == 22
+    assert cfg.outer.accept == "meta_loss" and cfg.outer.seeds == 2
     DATASETS[task][1](tmp_path)
     small = [
         f"experiment={experiment}",

@@ -53,6 +53,53 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 120, n_test: i
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
+def write_digits_as_mnist(
+    root: Path, train_copies: int = 4, test_copies: int = 3, split_seed: int = 0
+) -> dict[str, int]:
+    """scikit-learn's 8x8 digits upscaled to 28x28, as MNIST IDX files in ``<root>/MNIST/raw``.
+
+    A real-data stand-in for MNIST that needs no download: the 1797 digits are split 80/20
+    (stratified, ``split_seed``) into training and test originals *before* augmenting, so no
+    test digit has a copy in training. Each original is scaled from 0..16 to 0..255, upscaled
+    bilinearly to 20x20 and placed in a 28x28 frame (MNIST's layout: a 20x20 box in a 4-pixel
+    margin) shifted by up to 2 pixels per axis; the first copy is centred. Returns the counts.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.2, random_state=split_seed, stratify=y
+    )
+    rng = np.random.default_rng(split_seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for prefix, xs, ys, copies in (
+        ("train", x_tr, y_tr, train_copies),
+        ("t10k", x_te, y_te, test_copies),
+    ):
+        small = torch.as_tensor(xs.reshape(-1, 1, 8, 8) * (255.0 / 16.0), dtype=torch.float32)
+        big = torch.nn.functional.interpolate(
+            small, size=(20, 20), mode="bilinear", align_corners=False
+        )
+        big = big.clamp(0, 255).round().to(torch.uint8).numpy()[:, 0]
+        out, labels = [], []
+        for c in range(copies):
+            frame = np.zeros((len(xs), 28, 28), dtype=np.uint8)
+            for i, img in enumerate(big):
+                dy, dx = (0, 0) if c == 0 else rng.integers(-2, 3, size=2)
+                frame[i, 4 + dy : 24 + dy, 4 + dx : 24 + dx] = img
+            out.append(frame)
+            labels.append(ys)
+        order = rng.permutation(len(xs) * copies)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.concatenate(out)[order])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.concatenate(labels)[order])
+        counts[prefix] = len(order)
+    return counts
+
+
 def write_cifar10(root: Path, per_batch: int = 24, n_test: int = 40) -> None:
     """``<root>/cifar-10-batches-py/``: five training batches, the test batch, the label names."""
     folder = root / "cifar-10-batches-py"
