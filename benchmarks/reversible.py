@@ -23,7 +23,33 @@ from estimators.reversible import Reversible
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.optim import SGD
 from metahpo.schedule import HyperSchedule, HyperSpec
+from metahpo.taskbase import SupervisedTask
 from tasks.digits import Digits
+from tasks.models import LeNet
+
+
+def lenet_digits(
+    *, n_train: int | None = None, batch_size: int = 32, dtype: torch.dtype = torch.float32
+) -> SupervisedTask:
+    """LeNet-5 (6-16 / 120-84, ReLU, max-pool; 44,426 parameters) on the digits upscaled to
+    28x28 in memory (bilinear), a stand-in for MNIST that needs no download."""
+    digits = Digits(n_train=n_train, batch_size=1, dtype=torch.float64)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        img = x.reshape(-1, 1, 8, 8)
+        return torch.nn.functional.interpolate(img, size=28, mode="bilinear", align_corners=False)
+
+    data = {k: (up(x), y) for k, (x, y) in digits.data.items()}
+    return SupervisedTask(
+        "lenet_digits",
+        data,
+        lambda: LeNet(1, 28, 10),
+        loss="cross_entropy",
+        batch_size=batch_size,
+        seed=0,
+        device=torch.device("cpu"),
+        dtype=dtype,
+    )
 
 
 def schedule(horizon: int, momentum: float, segments: int = 1) -> HyperSchedule:
