@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import metahpo
+from benchmarks.reversible import lenet_digits
 from estimators.exact_reverse import ExactReverse
 from estimators.forward import ForwardMode
 from estimators.reversible import InfoBuffer, Reversible
@@ -92,6 +93,23 @@ def test_reversal_recovers_the_initial_state_bit_for_bit(dtype: torch.dtype) -> 
     n = torch.round(torch.tensor([0.3, 0.5, 0.9, 0.99], dtype=torch.float64) * 2**30)
     most = float(torch.log2(torch.ceil(2**30 / n)).mean())
     assert 0.5 * m["bound_bits_per_param_step"] < m["buffer_bits_per_param_step"] <= most
+
+
+def test_reversal_is_bit_exact_on_lenet() -> None:
+    """LeNet-5 (44k parameters, ReLU, max-pool, float32) on digits upscaled in memory to 28x28,
+    T = 60 with the same momenta from 0 to 0.99: the reverse sweep ends at the quantised
+    initial weights and a zero velocity exactly (T = 1000: ``benchmarks.reversible --lenet``)."""
+    task = lenet_digits(n_train=64, batch_size=8)
+    est = Reversible()
+    schedule = _long_schedule(60)
+    hg = est.hypergradient(task, schedule)
+    W, V, W0 = est.recovered
+    want = torch.round(FlatTask(task).init_state().theta.double() * 2.0**44).to(torch.int64)
+    assert W.numel() == 44_426
+    assert torch.equal(W0, want) and torch.equal(W, want)
+    assert torch.equal(V, torch.zeros_like(V))
+    assert hg.metrics["stored_velocity_steps"] == int((schedule.values["momentum"] < 1 / 16).sum())
+    assert hg.metrics["buffered_steps"] == 60 - hg.metrics["stored_velocity_steps"]
 
 
 def test_a_wrong_bit_in_the_reverse_sweep_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
