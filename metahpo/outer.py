@@ -13,7 +13,7 @@ learning rates) are read with :func:`metahpo.schedule.per_key`: by key, by hyper
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,27 @@ def clip_by_norm(grads: Mapping[str, Tensor], max_norm: float | None) -> dict[st
     return out
 
 
+def sign_step(
+    schedule: HyperSchedule,
+    grads: Mapping[str, Tensor],
+    state: State,
+    resize: Callable[[str, Tensor, Tensor], Tensor],
+) -> tuple[HyperSchedule, State]:
+    """``h <- h - sign(g) s_h`` for every learned value, projected into the bounds.
+
+    ``resize(key, s, agree)`` gives the new steps of ``key`` from the old ones and ``agree``
+    (positive where the sign held since the last step, negative where it flipped, 0 where either
+    sign was 0). A zero hypergradient keeps the previous sign. State: ``step`` and ``sign``.
+    """
+    new_values, steps, signs = {}, {}, {}
+    for n in schedule.learned:
+        sign = torch.sign(grads[n])
+        steps[n] = resize(n, state["step"][n], sign * state["sign"][n])
+        new_values[n] = schedule.values[n] - sign * steps[n]
+        signs[n] = torch.where(sign == 0, state["sign"][n], sign)
+    return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
+
+
 class SignDescent:
     """The paper's update: ``h <- h - sign(dL/dh) * s_h``; ``s_h`` halves when the sign flips.
 
@@ -60,16 +81,10 @@ class SignDescent:
     def step(
         self, schedule: HyperSchedule, grads: Mapping[str, Tensor], state: State
     ) -> tuple[HyperSchedule, State]:
-        new_values, steps, signs = {}, {}, {}
-        for n in schedule.learned:
-            sign = torch.sign(grads[n])
-            step = state["step"][n].clone()
-            if self.halve_on_flip:
-                step[sign * state["sign"][n] < 0] /= 2
-            new_values[n] = schedule.values[n] - sign * step
-            steps[n] = step
-            signs[n] = torch.where(sign == 0, state["sign"][n], sign)
-        return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
+        def resize(name: str, step: Tensor, agree: Tensor) -> Tensor:
+            return torch.where(agree < 0, step / 2, step) if self.halve_on_flip else step
+
+        return sign_step(schedule, grads, state, resize)
 
     def converged(
         self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
@@ -203,19 +218,13 @@ class Rprop:
     def step(
         self, schedule: HyperSchedule, grads: Mapping[str, Tensor], state: State
     ) -> tuple[HyperSchedule, State]:
-        new_values, steps, signs = {}, {}, {}
-        for n in schedule.learned:
-            width = self._width(schedule, n)
-            sign = torch.sign(grads[n])
-            agree = sign * state["sign"][n]
-            step = state["step"][n].clone()
+        def resize(name: str, step: Tensor, agree: Tensor) -> Tensor:
+            width = self._width(schedule, name)
             step = torch.where(agree > 0, step * self.grow, step)
             step = torch.where(agree < 0, step * self.shrink, step)
-            step = step.clamp(self.min_step * width, self.max_step * width)
-            new_values[n] = schedule.values[n] - sign * step
-            steps[n] = step
-            signs[n] = torch.where(sign == 0, state["sign"][n], sign)
-        return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
+            return step.clamp(self.min_step * width, self.max_step * width)
+
+        return sign_step(schedule, grads, state, resize)
 
     def converged(
         self, before: HyperSchedule, after: HyperSchedule, state: State, frac: float
