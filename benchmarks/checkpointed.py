@@ -1,8 +1,12 @@
 """Forward mode, exact reverse and checkpointed reverse side by side: seconds and peak memory.
 
-``python -m benchmarks.checkpointed [--horizons 200 800] [--columns 1 10 30] [--out DIR]``
+``python -m benchmarks.checkpointed [--task digits|lenet] [--horizons 200 800] [--columns 1 10 30]
+[--out DIR]``
 
-On the digits MLP (64-128-10, batch 128, float32, CPU, one thread), for every horizon and
+On the digits MLP (64-128-10, batch 128, float32, CPU, one thread) or, with ``--task lenet``,
+LeNet on an MNIST-format stand-in (scikit-learn's 8x8 digits upscaled to 20x20 in a 28x28
+frame, written as MNIST IDX files to a temporary root and read by ``tasks.mnist.MNIST``; batch
+128), for every horizon and
 number of learned columns: a plain training run (the denominator of the time ratios), forward
 mode, exact reverse (higher), checkpointed reverse at its default stretch round(sqrt(T)) and at
 a memory budget of a quarter of exact reverse's measured peak, and what ``estimator=auto``
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,9 @@ from estimators.forward import ForwardMode
 from metahpo.device import CostMeter
 from metahpo.inner import fit
 from metahpo.schedule import HyperSchedule, HyperSpec
+from metahpo.taskbase import SupervisedTask
 from tasks.digits import Digits
+from tasks.mnist import MNIST
 
 VALUES = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
 # learned columns -> segments per type (lr, momentum, weight decay; 0: fixed, one segment)
@@ -61,11 +69,40 @@ def metered(fn: Any) -> tuple[Any, float, float]:
     return out, min(seconds), max(peak)
 
 
+def write_digits_idx(root: Path) -> None:
+    """scikit-learn's digits (0..16, 8x8) as MNIST IDX files in ``<root>/MNIST/raw``: scaled to
+    0..255, upscaled bilinearly to 20x20 and centred in a 28x28 frame (MNIST's layout); the
+    first 1437 digits are the training file, the other 360 the test file."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    small = torch.as_tensor(x.reshape(-1, 1, 8, 8) * (255.0 / 16.0), dtype=torch.float32)
+    big = torch.nn.functional.interpolate(small, size=(20, 20), mode="bilinear")
+    frame = torch.zeros(len(x), 28, 28, dtype=torch.uint8)
+    frame[:, 4:24, 4:24] = big[:, 0].clamp(0, 255).round().to(torch.uint8)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    labels = torch.as_tensor(y, dtype=torch.uint8)
+    for prefix, part in (("train", slice(0, 1437)), ("t10k", slice(1437, None))):
+        for kind, arr in (("images-idx3", frame[part]), ("labels-idx1", labels[part])):
+            head = struct.pack(">I", 0x0800 + arr.dim()) + struct.pack(f">{arr.dim()}I", *arr.shape)
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(head + arr.numpy().tobytes())
+
+
+def make_task(name: str, root: Path) -> SupervisedTask:
+    if name == "lenet":
+        write_digits_idx(root)
+        return MNIST(root=root, download=False, batch_size=128)
+    return Digits(hidden=(128,), batch_size=128)
+
+
 def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)) for n in b)
 
 
-def cell(task: Digits, horizon: int, columns: int, reverse: dict[str, Any]) -> dict[str, Any]:
+def cell(
+    task: SupervisedTask, horizon: int, columns: int, reverse: dict[str, Any]
+) -> dict[str, Any]:
     s = schedule(horizon, columns)
     row: dict[str, Any] = {"T": horizon, "columns": columns}
     _, row["plain_s"], row["plain_mb"] = metered(lambda: fit(task, s))
@@ -120,6 +157,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("digits", "lenet"), default="digits")
     p.add_argument("--horizons", type=int, nargs="+", default=[200, 800])
     p.add_argument("--columns", type=int, nargs="+", default=list(COLUMNS), choices=COLUMNS)
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (least time)")
@@ -127,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     REPEATS[0] = args.repeats
     torch.set_num_threads(1)
-    task = Digits(hidden=(128,), batch_size=128)
+    tmp = tempfile.TemporaryDirectory()
+    task = make_task(args.task, Path(tmp.name))
     fit(task, schedule(20, 1))  # warm-up
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -139,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter() - started
     (args.out / "checkpointed.json").write_text(
-        json.dumps({"rows": rows, "seconds": total, "repeats": args.repeats}, indent=1)
+        json.dumps(
+            {"task": args.task, "rows": rows, "seconds": total, "repeats": args.repeats}, indent=1
+        )
     )
     (args.out / "checkpointed.md").write_text(table(rows))
     print(table(rows))

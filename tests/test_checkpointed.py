@@ -138,15 +138,22 @@ def test_offload_stores_states_on_the_cpu_with_the_same_result() -> None:
         assert torch.equal(a.grads[n], b.grads[n])
 
 
-def test_benchmark_script_runs_and_agrees(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """benchmarks/checkpointed.py at its smallest: the table is written and the three exact
-    estimators agree (float32)."""
+@pytest.mark.parametrize("task", ["digits", "lenet"])
+def test_benchmark_script_runs_and_agrees(tmp_path, task) -> None:  # type: ignore[no-untyped-def]
+    """benchmarks/checkpointed.py at its smallest, on the digits MLP and on LeNet (digits
+    written as 28x28 MNIST files): the table is written and the three exact estimators agree
+    (float32)."""
     import json
 
     from benchmarks.checkpointed import main
 
-    main(["--horizons", "6", "--columns", "1", "--repeats", "1", "--out", str(tmp_path)])
-    (row,) = json.loads((tmp_path / "checkpointed.json").read_text())["rows"]
+    main(
+        ["--task", task, "--horizons", "6", "--columns", "1", "--repeats", "1"]
+        + ["--out", str(tmp_path)]
+    )
+    out = json.loads((tmp_path / "checkpointed.json").read_text())
+    assert out["task"] == task
+    (row,) = out["rows"]
     assert row["T"] == 6 and row["stretch"] == 2
     for name in ("exact_reverse", "checkpointed", "budgeted"):
         assert row[f"{name}_vs_forward"] < 1e-4
