@@ -167,8 +167,7 @@ class WandbLogger:
         self.tags = list(tags) or [t.strip() for t in env_tags.split(",") if t.strip()]
         self.dir = dir
         self.run: Any = None
-        self.broken = False
-        self.where = "the run directory"
+        self.guard = _Guard("W&B")
         self.last_step = -1  # the largest step logged; the final row goes one after it
 
     def start(
@@ -191,8 +190,8 @@ class WandbLogger:
             group: the group when neither ``group`` nor ``WANDB_RUN_GROUP`` names one;
                 ``None``: in a Hydra multirun, its sweep directory's name.
         """
-        self.broken, self.run, self.last_step = False, None, -1
-        self.where = str(output_dir) if output_dir else "the dict metahpo.run returns"
+        self.run, self.last_step = None, -1
+        self.guard.reset(output_dir)
         if group is None and (sweep_dir := _hydra_sweep_dir()) is not None:
             group = sweep_group(sweep_dir)
         group = self.group or group
@@ -220,13 +219,13 @@ class WandbLogger:
                 log.info("wandb: offline%s; upload with `wandb sync %s`", why, Path(run.dir).parent)
             return run
 
-        self.run = self._call("init", init)
+        self.run = self.guard.call("init", init)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Log one outer step's scalars at W&B step ``step``."""
         self.last_step = max(self.last_step, step)
         if self.run is not None:
-            self._call("log", self.run.log, metrics, step=step)
+            self.guard.call("log", self.run.log, metrics, step=step)
 
     def _media_data(
         self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None
@@ -244,7 +243,7 @@ class WandbLogger:
 
     def media(self, images: Sequence[Path] = (), tables: Mapping[str, Table] | None = None) -> None:
         """Log PNGs as images (``plots/<file stem>``) and tables (``name: (columns, rows)``)."""
-        if self.run is None or self.broken:
+        if self.run is None or self.guard.broken:
             return
 
         def send() -> None:
@@ -252,7 +251,7 @@ class WandbLogger:
             if data:
                 self.run.log(data)
 
-        self._call("media", send)
+        self.guard.call("media", send)
 
     def finish(
         self,
@@ -273,7 +272,7 @@ class WandbLogger:
             return
         tables = None
         if results and results.get("learned_schedule"):
-            rows = self._call("table", results_lib.schedule_rows, results)
+            rows = self.guard.call("table", results_lib.schedule_rows, results)
             tables = {"tables/learned_schedule": rows} if rows else None
         summary = results_lib.summary(results) if results else {}
 
@@ -282,38 +281,19 @@ class WandbLogger:
             if data:
                 self.run.log(data, step=self.last_step + 1)
 
-        self._call("final row", final_row)
+        self.guard.call("final row", final_row)
         if summary:
             # W&B's own summary keeps each key's last logged value; set it all explicitly
-            self._call("summary", lambda: self.run.summary.update(summary))
+            self.guard.call("summary", lambda: self.run.summary.update(summary))
         run, self.run = self.run, None
         self.last_step = -1
-        if self.broken:  # release W&B's process; its failure was reported already
+        if self.guard.broken:  # release W&B's process; its failure was reported already
             try:
                 run.finish(exit_code=1)
             except Exception as e:
                 log.debug("wandb finish after an earlier failure: %s", e)
         else:
-            self._call("finish", run.finish, exit_code=1 if failed else 0)
-
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, unless W&B failed before; a failure warns once, never raises."""
-        if self.broken:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            self.broken = True
-            cause = str(e).strip().splitlines()
-            log.warning(
-                "W&B %s failed (%s%s); W&B logging is off for the rest of this run, "
-                "results stay in %s",
-                what,
-                type(e).__name__,
-                f": {cause[0]}" if cause else "",
-                self.where,
-            )
-            return None
+            self.guard.call("finish", run.finish, exit_code=1 if failed else 0)
 
 
 def _schedule_table(results: dict[str, Any] | None) -> dict[str, Table] | None:
