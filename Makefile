@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# an older editable install left metahpo/configs in site-packages: it would shadow the checkout
+	rm -rf $(VENV)/lib/python3*/site-packages/metahpo
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -18,8 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check metahpo estimators tasks tests benchmarks
-	$(VENV)/bin/ruff format --check metahpo estimators tasks tests benchmarks
+	$(VENV)/bin/ruff check metahpo estimators tasks tests benchmarks hatch_build.py
+	$(VENV)/bin/ruff format --check metahpo estimators tasks tests benchmarks hatch_build.py
 
 # The whole benchmark (about half an hour on 2 cores); results, tables and plots into
 # docs/benchmarks/. ARGS="--quick --out /tmp/b" for the smoke size, --help for the options.

@@ -5,8 +5,8 @@
 
 On the digits MLP (64-128-10, batch 128, float32, CPU, one thread) or, with ``--task lenet``,
 LeNet on an MNIST-format stand-in (scikit-learn's 8x8 digits upscaled to 20x20 in a 28x28
-frame, written as MNIST IDX files to a temporary root and read by ``tasks.mnist.MNIST``; batch
-128), for every horizon and
+frame, written as MNIST IDX files to a temporary root and read by
+``metahpo.tasks.mnist.MNIST``; batch 128), for every horizon and
 number of learned columns: a plain training run (the denominator of the time ratios), forward
 mode, exact reverse (higher), checkpointed reverse at its default stretch round(sqrt(T)) and at
 a memory budget of a quarter of exact reverse's measured peak, and what ``estimator=auto``
@@ -29,16 +29,16 @@ from typing import Any
 
 import torch
 
-from estimators.auto import Auto
-from estimators.checkpointed_reverse import CheckpointedReverse
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
 from metahpo.device import CostMeter
+from metahpo.estimators.auto import Auto
+from metahpo.estimators.checkpointed_reverse import CheckpointedReverse
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
 from metahpo.inner import fit
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
-from tasks.digits import Digits
-from tasks.mnist import MNIST
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.mnist import MNIST
 
 VALUES = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
 # learned columns -> segments per type (lr, momentum, weight decay; 0: fixed, one segment)

@@ -33,9 +33,9 @@ from benchmarks.timing import (
     time_methods,
 )
 from benchmarks.workloads import METHODS, TASKS, Workload, workloads
-from estimators.forward import ForwardMode
 from metahpo.core import ConfigError
 from metahpo.device import resolve_device
+from metahpo.estimators.forward import ForwardMode
 
 GROWS_WITH_HORIZON = {"exact_reverse"}  # memory extrapolated linearly in T; others flat
 MARGIN = 1.25  # on extrapolated time and memory

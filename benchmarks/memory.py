@@ -101,8 +101,8 @@ def _torch_peak(run: Any) -> int | None:
 def child(conn: Connection, spec: dict[str, Any]) -> None:
     """Measure one cell in this (fresh) process and send a dict back through ``conn``."""
     from benchmarks.timing import run_once
-    from estimators.forward import ForwardMode
     from metahpo.device import CostMeter, host_memory_sampling, resolve_device
+    from metahpo.estimators.forward import ForwardMode
 
     # Objects inherited from the server are never garbage: a collection that walks them takes a
     # second and copies every page they live on.

@@ -1,4 +1,4 @@
-"""The textbook forward mode that :class:`~estimators.forward.ForwardMode` is measured against.
+"""The textbook forward mode that :class:`~metahpo.estimators.forward.ForwardMode` is timed against.
 
 Benchmarks only: it is not a library estimator, and it exists so that the speed of forward mode
 is quoted against what one would write first, computing the same hypergradient.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimators.forward import Columns
 from metahpo.core import Batch, ConfigError, Hypergradient, Params, Task
 from metahpo.device import CostMeter
+from metahpo.estimators.forward import Columns
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD
 from metahpo.schedule import HyperSchedule

@@ -7,11 +7,12 @@ column active, as at the end of a run), interleaved, median over repeats:
 
 * ``plain``: the training gradient and the optimiser's step (what ``fit`` does per step);
 * ``generic``: forward mode's step, i.e. the gradient with the Hessian-vector products of the C
-  columns (:func:`estimators.forward.grad_and_hvp`, ``rev_rev``) and the jvp of the optimiser's
-  step vmapped over the columns (:func:`estimators.forward.propagate`), as ForwardMode runs it;
+  columns (:func:`~metahpo.estimators.forward.grad_and_hvp`, ``rev_rev``) and the jvp of the
+  optimiser's step vmapped over the columns (:func:`~metahpo.estimators.forward.propagate`), as
+  ForwardMode runs it;
 * ``specialised`` (SGD only): the same Hessian-vector products, then the hand-written SGD
-  tangent recurrence, in place (:func:`estimators.forward.sgd_propagate`, ForwardMode's fast
-  path for plain SGD);
+  tangent recurrence, in place (:func:`~metahpo.estimators.forward.sgd_propagate`,
+  ForwardMode's fast path for plain SGD);
 * ``update_generic`` / ``update_specialised``: the tangent update alone (no gradient, no HVP).
 
 Tasks: the MLP 64-128-10 on digits (batch 128) and LeNet-5 on random MNIST-shaped batches
@@ -32,12 +33,12 @@ from typing import Any
 import torch
 
 from benchmarks.workloads import _synthetic
-from estimators.forward import grad_and_hvp, propagate, sgd_propagate
+from metahpo.estimators.forward import grad_and_hvp, propagate, sgd_propagate
 from metahpo.inner import FlatTask, InnerState, Steps
 from metahpo.optim import SGD, AdamW, InnerOptimizer
 from metahpo.schedule import HyperSchedule, HyperSpec
-from tasks.digits import Digits
-from tasks.models import LeNet
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.models import LeNet
 
 VALUES = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},

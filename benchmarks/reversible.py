@@ -26,15 +26,15 @@ import math
 
 import torch
 
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.reversible import Reversible
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.reversible import Reversible
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.optim import SGD
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
-from tasks.digits import Digits
-from tasks.models import LeNet
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.models import LeNet
 
 
 def lenet_digits(

@@ -19,9 +19,9 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp
 
 from benchmarks.workloads import Workload, make_estimator
-from estimators.forward import Columns, ForwardMode, time_hvp
 from metahpo.core import Batch, Task
 from metahpo.device import CostMeter, host_memory_sampling, synchronize
+from metahpo.estimators.forward import Columns, ForwardMode, time_hvp
 from metahpo.inner import FlatTask, InnerState, fit
 
 HVP_CANDIDATES: list[tuple[str, int | None]] = [
@@ -215,8 +215,8 @@ def time_formulations(task: Task, columns: int, repeats: int) -> dict[str, Any]:
     """Forward mode's Hessian-vector products on ``columns`` columns, per formulation.
 
     Each of rev_rev and fwd_rev, vectorised over the columns and looped one column per call
-    (:func:`estimators.forward.time_hvp`, with the gradient), at the initial parameters on the
-    first batch; median over ``repeats`` interleaved calls after one warm-up. Cost: about
+    (:func:`~metahpo.estimators.forward.time_hvp`, with the gradient), at the initial parameters
+    on the first batch; median over ``repeats`` interleaved calls after one warm-up. Cost: about
     ``4 repeats (1 + 2 columns)`` gradient evaluations.
     """
     flat = FlatTask(task)

@@ -16,17 +16,17 @@ import torch
 from torch import nn
 
 from benchmarks.naive import NaiveForward
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.greedy import Greedy
-from estimators.truncated_reverse import TruncatedReverse
 from metahpo.core import HypergradientEstimator, Task
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.greedy import Greedy
+from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
-from tasks.digits import Digits
-from tasks.models import LeNet, WideResNet
-from tasks.vision import CropFlip
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.models import LeNet, WideResNet
+from metahpo.tasks.vision import CropFlip
 
 TASKS = ("digits", "lenet", "wrn")
 # "plain" is training alone (no hypergradient): the denominator of every time ratio

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from estimators.checkpointed_reverse import (
+from metahpo import distributed
+from metahpo.core import ConfigError, Hypergradient, HypergradientEstimator, Task
+from metahpo.estimators.checkpointed_reverse import (
     MIB,
     CheckpointedReverse,
     graph_bytes_per_step,
@@ -16,8 +18,6 @@ from estimators.checkpointed_reverse import (
     state_bytes,
     stretch_for_budget,
 )
-from metahpo import distributed
-from metahpo.core import ConfigError, Hypergradient, HypergradientEstimator, Task
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
 
@@ -179,11 +179,11 @@ class Auto:
         )
         estimator: HypergradientEstimator
         if choice.name == "forward":
-            from estimators.forward import ForwardMode
+            from metahpo.estimators.forward import ForwardMode
 
             estimator = ForwardMode()
         elif choice.name == "exact_reverse":
-            from estimators.exact_reverse import ExactReverse
+            from metahpo.estimators.exact_reverse import ExactReverse
 
             estimator = ExactReverse()
         else:

@@ -9,8 +9,8 @@ optimiser owns the step (it takes the training gradient with ``create_graph`` an
 update to a list of per-tensor fast weights), which is a different loop shape from ``train``'s
 flat ``theta`` with ``grad_fn`` + :func:`~metahpo.inner.sgd_step`. Keeping it separate also makes
 this estimator an implementation that shares no loop with forward mode and
-:class:`~estimators.truncated_reverse.TruncatedReverse` (both go through ``train``), so their
-agreement in the tests cross-checks the one inner loop.
+:class:`~metahpo.estimators.truncated_reverse.TruncatedReverse` (both go through ``train``), so
+their agreement in the tests cross-checks the one inner loop.
 
 Why not ``higher``'s own ``DifferentiableSGD`` (what ``higher.innerloop_ctx`` builds for a
 ``torch.optim.SGD``): it skips the weight-decay term when ``weight_decay == 0`` and the momentum

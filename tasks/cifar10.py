@@ -14,8 +14,8 @@ from torch import Tensor
 from torchvision import datasets as tvd
 from torchvision.datasets import cifar as tv_cifar
 
-from tasks.models import WideResNet
-from tasks.vision import Source, VisionTask, error_summary
+from metahpo.tasks.models import WideResNet
+from metahpo.tasks.vision import Source, VisionTask, error_summary
 
 # torchvision's own file list and checksums: the pickled batches and the label names.
 _MD5 = {name: md5 for name, md5 in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list}

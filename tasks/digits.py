@@ -12,7 +12,7 @@ from torch import nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
-from tasks.models import make_activation, positive_ints
+from metahpo.tasks.models import make_activation, positive_ints
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:

@@ -12,8 +12,8 @@ from torch import Tensor
 from torchvision import datasets as tvd
 from torchvision.datasets import mnist as tv_mnist
 
-from tasks.models import LeNet
-from tasks.vision import Source, VisionTask, error_summary
+from metahpo.tasks.models import LeNet
+from metahpo.tasks.vision import Source, VisionTask, error_summary
 
 
 def idx_source(dataset: type[tvd.MNIST], id: str, name: str) -> Source:
@@ -42,7 +42,7 @@ def _check_idx_file(path: Path) -> str | None:
 
 
 class MNIST(VisionTask):
-    """MNIST with LeNet by default (see :class:`tasks.vision.VisionTask` for the arguments)."""
+    """MNIST with LeNet by default (arguments: :class:`metahpo.tasks.vision.VisionTask`)."""
 
     source = idx_source(tvd.MNIST, "mnist", "MNIST")
     default_model = LeNet

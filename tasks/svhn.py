@@ -15,8 +15,8 @@ from torch import Tensor
 from torchvision import datasets as tvd
 from torchvision.datasets import svhn as tv_svhn
 
-from tasks.models import LeNet
-from tasks.vision import Source, VisionTask, error_summary
+from metahpo.tasks.models import LeNet
+from metahpo.tasks.vision import Source, VisionTask, error_summary
 
 FOLDER = "SVHN"
 # torchvision's own file names and checksums.
@@ -43,7 +43,7 @@ def _check_file(path: Path) -> str | None:
 
 
 class SVHN(VisionTask):
-    """SVHN with LeNet by default (arguments: :class:`tasks.vision.VisionTask`)."""
+    """SVHN with LeNet by default (arguments: :class:`metahpo.tasks.vision.VisionTask`)."""
 
     source = Source("svhn", "SVHN", FOLDER, tuple(_MD5), _read, _check_file)
     default_model = LeNet

@@ -187,7 +187,7 @@ class VisionTask(SupervisedTask):
         root: the data root (``MNIST/``, ``cifar-10-batches-py/``, ``SVHN/``... live under it).
         download: let torchvision download missing files into ``root``.
         model: ``(in_channels, image_size, n_classes) -> nn.Module`` (a Hydra partial of
-            ``tasks.models.LeNet`` or ``WideResNet``); None: the dataset's default.
+            ``metahpo.tasks.models.LeNet`` or ``WideResNet``); None: the dataset's default.
         val_fraction: share of the official training set held out as the validation split
             (the meta objective), drawn with ``split_seed``.
         split_seed: fixes which images are held out (independent of ``seed``).

@@ -15,8 +15,8 @@ import torch
 
 from metahpo.optim import SGD, InnerOptimizer
 from metahpo.schedule import HyperSchedule, HyperSpec
-from tasks.digits import Digits
-from tasks.quadratic import Quadratic
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.quadratic import Quadratic
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -6,9 +6,9 @@ import os
 import time
 from typing import Any
 
-from estimators.forward import ForwardMode
 from metahpo import distributed
 from metahpo.core import Hypergradient, Task
+from metahpo.estimators.forward import ForwardMode
 from metahpo.schedule import HyperSchedule
 
 

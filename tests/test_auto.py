@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import metahpo
-from estimators.auto import FORWARD_PER_COLUMN, REVERSE, Auto, choose, started_columns
-from estimators.exact_reverse import ExactReverse
 from metahpo.core import ConfigError
+from metahpo.estimators.auto import FORWARD_PER_COLUMN, REVERSE, Auto, choose, started_columns
+from metahpo.estimators.exact_reverse import ExactReverse
 from tests.conftest import assert_grads_close, make_schedule, small_digits
 
 MIB = 2**20

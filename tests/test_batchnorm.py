@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.func import grad, jvp, vmap
 
-from estimators.forward import ForwardMode
+from metahpo.estimators.forward import ForwardMode
 from metahpo.taskbase import SupervisedTask
-from tasks.models import WideResNet
-from tasks.vision import CropFlip
+from metahpo.tasks.models import WideResNet
+from metahpo.tasks.vision import CropFlip
 from tests.conftest import (
     SHARING,
     assert_grads_close,
@@ -49,7 +49,7 @@ def tiny_wrn(activation: str = "softplus", dtype: torch.dtype = torch.float64) -
 
 def estimator(name: str):  # type: ignore[no-untyped-def]
     if name == "exact_reverse":  # written on another branch; joins this test once it lands
-        module = pytest.importorskip("estimators.exact_reverse")
+        module = pytest.importorskip("metahpo.estimators.exact_reverse")
         return module.ExactReverse()
     return ForwardMode(hvp=name)
 

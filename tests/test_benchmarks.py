@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.cli import main
 from benchmarks.naive import NaiveForward
-from estimators.forward import ForwardMode
+from metahpo.estimators.forward import ForwardMode
 from tests.conftest import SHARING, assert_grads_close, make_schedule, small_digits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from estimators.checkpointed_reverse import (
+from metahpo.core import ConfigError
+from metahpo.estimators.checkpointed_reverse import (
     CheckpointedReverse,
     memory_estimate,
     stretch_for_budget,
 )
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from metahpo.core import ConfigError
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
 from metahpo.optim import SGD, AdamW
 from tests.conftest import (
     EXACT_TASKS,

@@ -41,8 +41,8 @@ def test_every_config_file_composes_and_instantiates(group: str) -> None:
 
 def test_defaults_are_the_main_job() -> None:
     cfg = metahpo.compose()
-    assert cfg.task._target_ == "tasks.digits.Digits"
-    assert cfg.estimator._target_ == "estimators.forward.ForwardMode"
+    assert cfg.task._target_ == "metahpo.tasks.digits.Digits"
+    assert cfg.estimator._target_ == "metahpo.estimators.forward.ForwardMode"
     assert cfg.outer.optimizer._target_ == "metahpo.outer.Rprop"
     assert cfg.outer.accept == "meta_loss" and cfg.outer.seeds == 1 and cfg.outer.budget == 32
     assert all(cfg.schedule[n].init == 0.0 for n in HYPERPARAMETERS)

@@ -21,12 +21,12 @@ import torch
 import torch.multiprocessing as mp
 
 import metahpo
-from estimators.checkpointed_reverse import CheckpointedReverse
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.greedy import Greedy
-from estimators.truncated_reverse import TruncatedReverse
 from metahpo import distributed
+from metahpo.estimators.checkpointed_reverse import CheckpointedReverse
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.greedy import Greedy
+from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.inner import FlatTask
 from tests.conftest import make_schedule, small_digits
 from tests.test_batchnorm import tiny_wrn

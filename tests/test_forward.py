@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from estimators.forward import ForwardMode
+from metahpo.estimators.forward import ForwardMode
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import (

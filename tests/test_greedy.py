@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import metahpo
-from estimators.exact_reverse import ExactReverse
-from estimators.greedy import Greedy
-from estimators.truncated_reverse import TruncatedReverse
 from metahpo.core import ConfigError
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.greedy import Greedy
+from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import assert_grads_close, make_schedule, quadratic, small_digits

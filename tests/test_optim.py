@@ -16,10 +16,10 @@ import torch
 from torch.func import jvp
 
 import metahpo
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.truncated_reverse import TruncatedReverse
 from metahpo.core import ConfigError
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.inner import FlatTask, fit
 from metahpo.optim import SGD, Adam, AdamW, InnerOptimizer, safe_sqrt
 from metahpo.schedule import HyperSchedule, HyperSpec, constant_schedule
@@ -161,7 +161,7 @@ def test_greedy_and_truncated_windows_carry_the_optimiser_state(opt: str) -> Non
     """Greedy over one window of the whole run is the exact hypergradient; truncated reverse
     over the last 2 steps equals exact reverse of a run whose first steps are constants: the
     optimiser's state crosses the window boundary."""
-    from estimators.greedy import Greedy
+    from metahpo.estimators.greedy import Greedy
 
     task = small_digits()
     schedule = make_schedule(HORIZON, HORIZON, seed=7, optimizer=OPTIMIZERS[opt]())

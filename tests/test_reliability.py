@@ -18,8 +18,8 @@ import torch
 
 import metahpo
 import metahpo.runner
-from estimators.forward import ForwardMode
 from metahpo.core import ConfigError, DivergenceError, Hypergradient
+from metahpo.estimators.forward import ForwardMode
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]

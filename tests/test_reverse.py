@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import metahpo
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.truncated_reverse import TruncatedReverse
 from metahpo.build import build
 from metahpo.core import ConfigError
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import (

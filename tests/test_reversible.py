@@ -14,11 +14,11 @@ import torch
 
 import metahpo
 from benchmarks.reversible import lenet_digits
-from estimators.exact_reverse import ExactReverse
-from estimators.forward import ForwardMode
-from estimators.reversible import InfoBuffer, Reversible
 from metahpo.build import build
 from metahpo.core import ConfigError, DivergenceError
+from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.reversible import InfoBuffer, Reversible
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.optim import SGD, Adam
 from metahpo.schedule import HyperSchedule, HyperSpec
@@ -115,7 +115,7 @@ def test_reversal_is_bit_exact_on_lenet() -> None:
 def test_a_wrong_bit_in_the_reverse_sweep_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the reverse sweep recomputed a gradient differently, the reversal must not end at the
     initial state, and the estimator says so rather than return a wrong result."""
-    import estimators.reversible as rev
+    import metahpo.estimators.reversible as rev
 
     calls = {"n": 0}
     real = rev._grad_and_hvp_fn

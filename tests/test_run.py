@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import metahpo
-from estimators.forward import ForwardMode
+from metahpo.estimators.forward import ForwardMode
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 
 QUICK = ["task=quadratic", "experiment=smoke", "progress=false"]
@@ -183,13 +183,18 @@ def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "metahpo/configs/config.yaml" in names
     assert "metahpo/configs/estimator/forward.yaml" in names
-    assert any(n.startswith("estimators/") for n in names)
-    assert any(n.startswith("tasks/") for n in names)
+    assert "metahpo/estimators/forward.py" in names and "metahpo/tasks/digits.py" in names
+    assert {n.split("/")[0] for n in names} == {
+        "metahpo",
+        wheel.name.split("-py3")[0] + ".dist-info",
+    }
+    assert not any("__pycache__" in n for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
         "import metahpo, metahpo.config as c; "
-        "print(c.config_dir()); print(metahpo.compose(['task=quadratic']).horizon)"
+        "print(c.config_dir()); print(metahpo.compose(['task=quadratic']).horizon); "
+        "import metahpo.estimators.forward as f; print(f.__file__)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -202,6 +207,7 @@ def test_wheel_ships_configs_and_runs_from_them(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split()
     assert lines[0] == str(site / "metahpo" / "configs") and lines[1] == "50"
+    assert lines[2] == str(site / "metahpo" / "estimators" / "forward.py")
 
 
 def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> None:

@@ -477,7 +477,7 @@ def test_wandb_settings_fall_back_to_the_environment(monkeypatch: pytest.MonkeyP
     )
     assert env_run["tags"] == ["a", "b", "forward", "quadratic"]
     assert env_run["name"] == "forward-quadratic-s0" and env_run["job_type"] == "train"
-    assert env_run["config"]["task"]["_target_"] == "tasks.quadratic.Quadratic"
+    assert env_run["config"]["task"]["_target_"] == "metahpo.tasks.quadratic.Quadratic"
     assert (config_run["project"], config_run["group"], config_run["mode"]) == (
         "mine",
         "mine",

@@ -25,17 +25,17 @@ import torchvision.datasets.svhn
 import torchvision.transforms.v2.functional as TF
 
 import metahpo
-from estimators.forward import ForwardMode
 from metahpo.build import build
 from metahpo.core import ConfigError
+from metahpo.estimators.forward import ForwardMode
 from metahpo.inner import fit
 from metahpo.schedule import constant_schedule
-from tasks.cifar10 import CIFAR10
-from tasks.fashion_mnist import FashionMNIST
-from tasks.mnist import MNIST
-from tasks.models import LeNet, WideResNet
-from tasks.svhn import SVHN
-from tasks.vision import CropFlip, VisionTask
+from metahpo.tasks.cifar10 import CIFAR10
+from metahpo.tasks.fashion_mnist import FashionMNIST
+from metahpo.tasks.mnist import MNIST
+from metahpo.tasks.models import LeNet, WideResNet
+from metahpo.tasks.svhn import SVHN
+from metahpo.tasks.vision import CropFlip, VisionTask
 from tests import vision_files
 from tests.conftest import make_schedule
 
