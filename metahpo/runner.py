@@ -19,12 +19,18 @@ from metahpo import distributed
 from metahpo.build import Setup, baseline_config, build
 from metahpo.config import validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
-from metahpo.device import rng_states, set_rng_states
+from metahpo.device import CostMeter, rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
 from metahpo.inner import fit
 from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
+from metahpo.plugins import (
+    check_converged,
+    check_hypergradient,
+    check_outer_step,
+    nonfinite_message,
+)
 from metahpo.results import SCHEMA_VERSION
 from metahpo.schedule import HyperSchedule
 
@@ -254,7 +260,7 @@ class _OuterLoop:
                     break
                 try:
                     hg = self._hypergradient()
-                    _check_finite(hg)
+                    _check_finite(hg, setup.estimator)
                 except DivergenceError as e:
                     self._reject(str(e))
                     self._checkpoint()
@@ -280,9 +286,16 @@ class _OuterLoop:
                 else:
                     grads = clip_by_norm(hg.grads, cfg.outer.clip)
                     self.anchor = (self.schedule, self.state, grads)
-                    new, self.state = setup.optimizer.step(self.schedule, grads, self.state)
-                    converged = setup.optimizer.converged(
-                        self.schedule, new, self.state, float(cfg.outer.stop_fraction)
+                    new, self.state = check_outer_step(
+                        setup.optimizer.step(self.schedule, grads, self.state),
+                        self.schedule,
+                        setup.optimizer,
+                    )
+                    converged = check_converged(
+                        setup.optimizer.converged(
+                            self.schedule, new, self.state, float(cfg.outer.stop_fraction)
+                        ),
+                        setup.optimizer,
                     )
                 self.schedule, self.k = new, self.k + 1
                 if converged:
@@ -303,12 +316,17 @@ class _OuterLoop:
 
         Meta-losses, hypergradients and metrics are means over the seeds; an online estimator's
         moved schedules are averaged value by value. Every seed's run is counted, diverged too.
+        Each answer is checked (metahpo/plugins.py), and its ``seconds`` and ``peak_memory`` are
+        the runner's own measurement of the call, the same for every estimator.
         """
         estimator, answers = self.setup.estimator, []
         for task in self.tasks:
             self.inner_runs += 1
-            hg = estimator.hypergradient(task, self.schedule)
-            _check_finite(hg)  # a diverged seed rejects the step
+            with CostMeter(task.device) as cost:
+                answer = estimator.hypergradient(task, self.schedule)
+            hg = check_hypergradient(answer, self.schedule, estimator)
+            hg.seconds, hg.peak_memory = cost.seconds, cost.peak
+            _check_finite(hg, estimator)  # a diverged seed rejects the step
             answers.append(hg)
         if len(answers) == 1:
             return answers[0]
@@ -384,10 +402,13 @@ class _OuterLoop:
             # diverges, and the same run again would diverge the same way.
             self.done = "diverged"
             origin = "the run started from" if not self.k else "it reached"
-            self.message = (
-                f"{reason}, with the schedule {origin} ({self.schedule}); lower "
-                "schedule.*.init or the schedule's upper bounds"
+            # a finite meta-loss with a non-finite hypergradient: the estimator's own failure
+            hint = (
+                "check the estimator's numerics (float64: dtype=float64)"
+                if reason.startswith("estimator ")
+                else "lower schedule.*.init or the schedule's upper bounds"
             )
+            self.message = f"{reason}, with the schedule {origin} ({self.schedule}); {hint}"
             return
         schedule, state, grads = self.anchor
         if self.failures >= limit:
@@ -517,11 +538,10 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def _check_finite(hg: Hypergradient) -> None:
-    bad = [n for n, g in hg.grads.items() if not bool(torch.isfinite(g).all())]
-    if not math.isfinite(hg.meta_loss) or bad:
-        what = f"hypergradient of {', '.join(bad)}" if bad else "meta-loss"
-        raise DivergenceError(f"inner training diverged: the {what} is not finite")
+def _check_finite(hg: Hypergradient, estimator: Any) -> None:
+    message = nonfinite_message(hg, estimator)
+    if message is not None:
+        raise DivergenceError(message)
 
 
 def _final_evaluation(cfg: DictConfig, setup: Setup, learned: HyperSchedule) -> dict[str, Any]:

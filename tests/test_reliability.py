@@ -67,7 +67,8 @@ def test_bad_input_table(
     def trap(self: Any) -> None:
         raise AssertionError("the outer loop started")
 
-    monkeypatch.setattr(metahpo.runner._OuterLoop, "run", trap)
+    if "tests.plugins." not in overrides:  # a broken plugin's result comes from the loop
+        monkeypatch.setattr(metahpo.runner._OuterLoop, "run", trap)
     with pytest.raises(ConfigError) as err:
         metahpo.run(metahpo.compose(overrides.replace("{tmp}", str(resume_dirs)).split()))
     assert str(err.value).replace(str(resume_dirs), "{tmp}") == message
@@ -149,7 +150,10 @@ def test_a_nan_hypergradient_stops_after_max_failures_with_results(
     out = metahpo.run(metahpo.compose([*QUICK, "outer.steps=10", "outer.max_failures=3"]), tmp_path)
     assert out["stopped"] == "diverged" and out["rejected_steps"] == 3
     assert "3 consecutive rejected outer steps (outer.max_failures=3)" in out["stop_message"]
-    assert "hypergradient of momentum is not finite" in out["rejections"][0]["reason"]
+    assert out["rejections"][0]["reason"].startswith(
+        "estimator metahpo.estimators.forward.ForwardMode returned a non-finite hypergradient of "
+        "momentum at a finite meta-loss ("
+    )
     assert out["outer_steps"] == 1 and calls["n"] == 4
     # the learned schedule is the best accepted one, retrained and evaluated as usual
     assert out["learned_schedule"]["lr"]["values"] in [h["schedule"]["lr"] for h in out["history"]]
