@@ -71,9 +71,7 @@ def check_hypergradient(result: Any, schedule: HyperSchedule, plugin: Any) -> Hy
     missing = [k for k in schedule.learned if k not in grads]
     if unknown or missing:
         what = f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown else ""
-        what += ("; " if what else "") + (
-            f"no entry for {', '.join(missing)}" if missing else ""
-        )
+        what += ("; " if what else "") + (f"no entry for {', '.join(missing)}" if missing else "")
         raise PluginError(
             f"{where}: grads has {what}; expected one entry per learned hyperparameter: "
             f"{', '.join(schedule.learned)}"
