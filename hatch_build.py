@@ -1,4 +1,7 @@
-"""Build hook: a wheel carries ``estimators/``, ``tasks/`` and ``configs/`` inside ``metahpo``.
+"""Build hook: a wheel carries ``estimators/``, ``tasks/`` and ``docs/*.md`` inside ``metahpo``.
+
+(``configs/`` comes in through the symlink ``metahpo/configs``, which also makes
+``pkg://metahpo.configs`` work in a checkout.)
 
 Only the wheel proper: an editable install maps ``metahpo`` alone onto the checkout (no copies,
 no top-level ``tasks`` or ``estimators`` on ``sys.path``); ``metahpo/_source.py`` finds the
@@ -15,8 +18,10 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 FOLDERS = {
     "estimators": "metahpo/estimators",
     "tasks": "metahpo/tasks",
-    "configs": "metahpo/configs",
+    "docs": "metahpo/docs",
 }
+# docs/: the Markdown pages only (its benchmark figures and run outputs stay in the repository)
+ONLY = {"docs": "*.md"}
 
 
 class MetahpoBuildHook(BuildHookInterface):
@@ -25,7 +30,9 @@ class MetahpoBuildHook(BuildHookInterface):
             return
         root = Path(self.root)
         for folder, target in FOLDERS.items():
-            for path in sorted((root / folder).rglob("*")):
+            for path in sorted((root / folder).rglob(ONLY.get(folder, "*"))):
+                if folder in ONLY and path.parent != root / folder:
+                    continue
                 if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                     rel = path.relative_to(root / folder).as_posix()
                     build_data["force_include"][str(path)] = f"{target}/{rel}"

@@ -41,6 +41,11 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         if not lines:
             lines = [type(cause or e).__name__]
         detail = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+        if "ModuleNotFoundError" in detail:  # a user's own package that is not on sys.path
+            detail += (
+                "; make its package importable: run from the directory that holds it "
+                "(the metahpo command adds it), pip install -e it, or set PYTHONPATH"
+            )
         raise ConfigError(
             f"{key}._target_={cfg.get('_target_')!r} could not be built: {detail}"
         ) from None

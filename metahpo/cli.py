@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -56,14 +58,49 @@ def _app(cfg: DictConfig) -> None:
         print(f"results, plots and config: {out}")
 
 
+def docs_dir() -> Path | None:
+    """The Markdown docs: ``metahpo/docs`` in a wheel, ``docs/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "docs", here.parent / "docs"):
+        if (candidate / "extending.md").is_file():
+            return candidate
+    return None
+
+
+def _precheck_overrides(overrides: list[str], config_dir: str | None) -> list[str]:
+    """The overrides with ``--config-dir`` as one more ``hydra.searchpath`` entry, so that the
+    checks before Hydra know the names and files in the user's directory too."""
+    if not config_dir:
+        return overrides
+    entries = [f"file://{Path(config_dir).expanduser().resolve()}"]
+    rest = []
+    for o in overrides:
+        if o.lstrip("+~").startswith("hydra.searchpath="):
+            value = o.split("=", 1)[1].strip()
+            inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+            entries += [e.strip() for e in inner.split(",") if e.strip()]
+        else:
+            rest.append(o)
+    return [*rest, f"hydra.searchpath=[{','.join(entries)}]"]
+
+
 def main() -> None:
     """Entry point: reject unknown names and keys in one line before Hydra runs anything."""
     from hydra._internal.utils import get_args_parser
 
+    if sys.argv[1:] == ["--docs"]:
+        where = docs_dir()
+        print(where if where is not None else "metahpo: the docs are not installed")
+        return
+    # A user's own package in the working directory is importable by its _target_s (appended:
+    # it never shadows an installed module).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     known, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    overrides = _precheck_overrides(list(known.overrides), known.config_dir)
     try:
-        check_overrides(known.overrides)
-        check_composes(known.overrides)
+        check_overrides(overrides)
+        check_composes(overrides)
     except ConfigError as e:
         _fail(str(e))
     if distributed.launched() and not distributed.is_main():

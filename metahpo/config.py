@@ -30,24 +30,53 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"metahpo's configs are missing (looked in {here} and its parent)")
 
 
-def options(group: str) -> list[str]:
-    """Names selectable for a config group (``estimator`` -> ``["forward", ...]``)."""
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+def options(group: str, extra: Sequence[Path] = ()) -> list[str]:
+    """Names selectable for a config group (``estimator`` -> ``["forward", ...]``), also from
+    the config directories ``extra`` (a user's own: :func:`search_dirs`)."""
+    dirs = [config_dir(), *extra]
+    return sorted({p.stem for d in dirs for p in (Path(d) / group).glob("*.yaml")})
+
+
+def search_dirs(overrides: Sequence[str]) -> list[Path]:
+    """The directories a ``hydra.searchpath=[file://...,pkg://...]`` override adds (those that
+    exist; Hydra itself reports the others)."""
+    import importlib.util
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    dirs: list[Path] = []
+    for o in overrides:
+        if not o.lstrip("+~").startswith("hydra.searchpath="):
+            continue
+        try:
+            (parsed,) = OverridesParser.create().parse_overrides([o])
+        except HydraException:
+            continue
+        value = parsed.value()
+        for entry in value if isinstance(value, list) else [value]:
+            scheme, _, rest = str(entry).rpartition("://")
+            if scheme == "pkg":
+                try:
+                    spec = importlib.util.find_spec(rest.replace("/", "."))
+                except (ImportError, ValueError):
+                    spec = None
+                dirs += [Path(p) for p in (spec and spec.submodule_search_locations) or []]
+            elif scheme in ("file", ""):
+                dirs.append(Path(rest).expanduser().resolve())
+    return [d for d in dirs if d.is_dir()]
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
     """Reject unknown group options (``estimator=nope``) and unparsable overrides in one line.
 
-    Options from a user's own config directory (``hydra.searchpath``) are left to Hydra.
+    Options in a user's own config directories (``hydra.searchpath``) are allowed too.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     overrides = list(overrides)
-    if any(
-        o.lstrip("+~").startswith(("hydra.searchpath", "--config-dir", "-cd")) for o in overrides
-    ):
-        return
+    extra = search_dirs(overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(
             [o for o in overrides if not o.startswith("-")]
@@ -62,7 +91,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         # several options at once (logger=[wandb,csv]): each must exist
         values = [x for v in values for x in (v if isinstance(v, list) else [v])]
-        allowed = options(group)
+        allowed = options(group, extra)
         for v in values:
             if v is None and group == "experiment":
                 continue
@@ -90,7 +119,7 @@ def check_composes(overrides: Sequence[str]) -> None:
     for o in OverridesParser.create().parse_overrides(
         [o for o in overrides if not o.startswith("-")]
     ):
-        if o.is_hydra_override():
+        if o.is_hydra_override() and o.key_or_group != "hydra.searchpath":
             continue
         key = o.get_key_element()  # with its +, ++ or ~
         if o.is_delete():

@@ -1,0 +1,1 @@
+"""metahpo's Hydra configs (a package, so that ``pkg://metahpo.configs`` finds them)."""
