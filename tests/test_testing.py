@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from metahpo.core import Hypergradient
 from metahpo.estimators.exact_reverse import ExactReverse
