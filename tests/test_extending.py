@@ -70,3 +70,13 @@ def test_user_optimiser_from_their_own_config_dir(user_project: Path) -> None:
     rev = metahpo.hypergradient(metahpo.compose([*common, "estimator=exact_reverse"]))
     assert float(fwd.grads["temperature"].abs().max()) > 0
     assert_grads_close(fwd.grads, rev.grads, rtol=1e-10)
+
+
+def test_the_docs_estimator_passes_check_estimator(user_project: Path) -> None:
+    """The doc's own check: ``metahpo.testing.check_estimator`` on its CentralDifferences."""
+    from mypkg.zero_order import CentralDifferences  # written by the fixture
+
+    from metahpo.testing import check_estimator
+
+    result = check_estimator(CentralDifferences(eps=1e-5), rtol=1e-5)
+    assert result.error_vs_central < 1e-5 and result.error_vs_forward < 1e-5
