@@ -84,6 +84,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         cfg, output_dir = _rank_view(cfg, output_dir)
     started = time.perf_counter()
     out_dir = Path(output_dir) if output_dir is not None else None
+    seed_everything(int(cfg.seed))  # global generators too: a plugin drawing from them repeats
     setup = build(cfg)
     loop = _OuterLoop(cfg, setup, out_dir)  # checks a checkpoint before anything is written
     if out_dir is not None:
@@ -199,6 +200,7 @@ class _OuterLoop:
                 "done": self.done,
                 "message": self.message,
                 "rng": rng_states(),
+                "estimator": _estimator_state(self.setup.estimator),
             },
             tmp,
         )
@@ -239,6 +241,9 @@ class _OuterLoop:
             self.anchor = (base.replace(anchor["values"]), anchor["state"], anchor["grads"])
         self.done, self.message = ckpt["done"], ckpt["message"]
         set_rng_states(ckpt["rng"])
+        own = ckpt.get("estimator")
+        if own is not None and callable(getattr(self.setup.estimator, "load_state_dict", None)):
+            self.setup.estimator.load_state_dict(own)
         log.info("resumed from %s at outer step %d", ckpt_path, self.k)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -253,6 +258,13 @@ class _OuterLoop:
             disable=not cfg.progress,
             dynamic_ncols=True,
         )
+        last = self.history[-1] if self.history else None
+        if self.done is None and self.k < n_steps and last is not None:
+            if last.get("hypergradient") is None and last["outer_step"] == self.k:
+                # a finished run continued with more outer steps: its final score is not an
+                # outer step (the end of this run scores its own last iterate)
+                self.history.pop()
+                self.inner_runs -= len(self.seeds)
         try:
             while self.done is None and self.k < n_steps:
                 if not self._affordable(2 * len(self.seeds)):  # this estimate and a last score
@@ -547,6 +559,24 @@ def _check_finite(hg: Hypergradient, estimator: Any) -> None:
 def _final_evaluation(cfg: DictConfig, setup: Setup, learned: HyperSchedule) -> dict[str, Any]:
     """Retrain learned and baseline schedules per final seed (metahpo/evaluation.py)."""
     return final_evaluation(cfg, setup.task, learned, setup.baseline)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CUDA's too) from ``seed``."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _estimator_state(estimator: Any) -> Any:
+    """An estimator's own state for the checkpoint (its random generator...), when it exposes
+    ``state_dict()`` (and ``load_state_dict(state)`` to restore it on resume)."""
+    state_dict = getattr(estimator, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
 
 
 def _estimator_name(setup: Setup) -> str:
