@@ -20,6 +20,7 @@ from metahpo import distributed
 from metahpo.core import ConfigError, Hypergradient, HypergradientEstimator, Task
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import Positive
 
 #: Seconds per inner step in units of a plain training step, measured side by side on the
 #: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward
@@ -147,13 +148,7 @@ class Auto:
     name = "auto"
     data_parallel = True
 
-    def __init__(self, memory_mb: float | None = None) -> None:
-        if memory_mb is not None and (
-            isinstance(memory_mb, bool)
-            or not isinstance(memory_mb, int | float)
-            or not memory_mb > 0
-        ):
-            raise ConfigError(f"estimator.memory_mb={memory_mb!r} must be a positive number (MiB)")
+    def __init__(self, memory_mb: Positive | None = None) -> None:
         self.memory_mb = memory_mb
         self._picked: tuple[int, Choice, HypergradientEstimator] | None = None
 
