@@ -7,6 +7,7 @@ Everything a user can get wrong is checked here before any training starts, and 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,6 +224,21 @@ class _Config(_Node):
     schedule: dict[str, Any]
     logger: dict[str, Any]
     baseline: dict[str, Any]
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise ConfigError unless ``path`` is (or can be made) a directory this process writes."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".metahpo-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={str(path)!r} is not a writable directory ({type(e).__name__}: "
+            f"{e.strerror or e}); choose one you can write"
+        ) from None
 
 
 def _is_number(v: Any) -> bool:

@@ -156,7 +156,10 @@ def _message(key: str, value: Any, annotation: Any) -> str:
         allowed = ", ".join(str(a) for a in typing.get_args(members[0]))
         none = " (or null)" if type(None) in _members(plain) else ""
         return f"{key}={value!r} is unknown; allowed: {allowed}{none}"
-    return f"{key}={_shown(value)} must be {describe(annotation)}"
+    allowed = describe(annotation)
+    if isinstance(value, float) and not math.isfinite(value):
+        allowed = allowed.replace("a number", "a finite number")
+    return f"{key}={_shown(value)} must be {allowed}"
 
 
 def _shown(value: Any) -> str:
