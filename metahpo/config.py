@@ -65,9 +65,17 @@ def check_overrides(overrides: Sequence[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(
             [o for o in overrides if not o.startswith("-")]
         )
-    except HydraException as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"could not parse the overrides: {first}") from None
+    except HydraException:
+        for o in overrides:  # the one that does not parse, and why
+            try:
+                OverridesParser.create().parse_overrides([o])
+            except HydraException as e:
+                why = str(e).strip().splitlines()[0].strip()
+                raise ConfigError(
+                    f"{o} cannot be parsed ({why}); quote a value with special characters: "
+                    "key='...'"
+                ) from None
+        raise
     for o in parsed:
         group = o.key_or_group
         if not group:
