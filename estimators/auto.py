@@ -66,6 +66,27 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
+def schedule_bytes(horizon: int, n_keys: int, itemsize: int) -> int:
+    """Bytes of the per-step schedule every estimator reads: per key, the segment index
+    (int64) and the value in force (``itemsize``) at each of the ``horizon`` steps."""
+    return horizon * n_keys * (8 + itemsize)
+
+
+def check_fits(horizon: int, n_keys: int, itemsize: int, device: torch.device) -> None:
+    """Pre-flight, before anything is allocated: raise ConfigError in one line when the
+    per-step schedule alone (:func:`schedule_bytes`) exceeds :func:`available_bytes`; the
+    estimators' own memory (forward mode's tangents, reverse mode's graph) comes on top."""
+    need, have = schedule_bytes(horizon, n_keys, itemsize), available_bytes(device)
+    if need > have:
+        most = have // (n_keys * (8 + itemsize))
+        raise ConfigError(
+            f"horizon={horizon} needs an estimated {need / 2**30:.1f} GiB for the per-step "
+            f"schedule alone ({n_keys} keys x {horizon} steps x {8 + itemsize} bytes), more than "
+            f"the {have / 2**30:.1f} GiB available on {device} (half the free memory); lower "
+            f"horizon (at most about {most})"
+        )
+
+
 def choose(
     horizon: int,
     columns: list[int],
