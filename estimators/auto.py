@@ -20,6 +20,7 @@ from metahpo.estimators.checkpointed_reverse import (
 )
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import Positive
 
 #: Seconds per inner step in units of a plain training step, measured side by side on the
 #: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward
@@ -63,6 +64,27 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0]) // 2
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def schedule_bytes(horizon: int, n_keys: int, itemsize: int) -> int:
+    """Bytes of the per-step schedule every estimator reads: per key, the segment index
+    (int64) and the value in force (``itemsize``) at each of the ``horizon`` steps."""
+    return horizon * n_keys * (8 + itemsize)
+
+
+def check_fits(horizon: int, n_keys: int, itemsize: int, device: torch.device) -> None:
+    """Pre-flight, before anything is allocated: raise ConfigError in one line when the
+    per-step schedule alone (:func:`schedule_bytes`) exceeds :func:`available_bytes`; the
+    estimators' own memory (forward mode's tangents, reverse mode's graph) comes on top."""
+    need, have = schedule_bytes(horizon, n_keys, itemsize), available_bytes(device)
+    if need > have:
+        most = have // (n_keys * (8 + itemsize))
+        raise ConfigError(
+            f"horizon={horizon} needs an estimated {need / 2**30:.1f} GiB for the per-step "
+            f"schedule alone ({n_keys} keys x {horizon} steps x {8 + itemsize} bytes), more than "
+            f"the {have / 2**30:.1f} GiB available on {device} (half the free memory); lower "
+            f"horizon (at most about {most})"
+        )
 
 
 def choose(
@@ -147,13 +169,7 @@ class Auto:
     name = "auto"
     data_parallel = True
 
-    def __init__(self, memory_mb: float | None = None) -> None:
-        if memory_mb is not None and (
-            isinstance(memory_mb, bool)
-            or not isinstance(memory_mb, int | float)
-            or not memory_mb > 0
-        ):
-            raise ConfigError(f"estimator.memory_mb={memory_mb!r} must be a positive number (MiB)")
+    def __init__(self, memory_mb: Positive | None = None) -> None:
         self.memory_mb = memory_mb
         self._picked: tuple[int, Choice, HypergradientEstimator] | None = None
 

@@ -13,6 +13,7 @@ from metahpo.device import CostMeter, host_bytes_in_use, synchronize
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.reverse import Adjoint, check_window, grad_with_graph, window_hypergradient
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import Positive, PositiveInt
 
 MIB = 2**20
 
@@ -132,23 +133,16 @@ class CheckpointedReverse:
     data_parallel = True
 
     def __init__(
-        self, stretch: int | None = None, memory_mb: float | None = None, offload: bool = False
+        self,
+        stretch: PositiveInt | None = None,
+        memory_mb: Positive | None = None,
+        offload: bool = False,
     ) -> None:
-        if stretch is not None:
-            check_window("stretch", stretch)
-        if memory_mb is not None and (
-            isinstance(memory_mb, bool)
-            or not isinstance(memory_mb, int | float)
-            or not memory_mb > 0
-        ):
-            raise ConfigError(f"estimator.memory_mb={memory_mb!r} must be a positive number (MiB)")
         if stretch is not None and memory_mb is not None:
             raise ConfigError(
                 f"estimator.stretch={stretch} and estimator.memory_mb={memory_mb} are both set; "
                 "set one (the other null)"
             )
-        if not isinstance(offload, bool):
-            raise ConfigError(f"estimator.offload={offload!r} must be true or false")
         self.stretch, self.memory_mb, self.offload = stretch, memory_mb, offload
         self._resolved: tuple[int, int, str] | None = None  # (horizon, k, why)
 

@@ -11,11 +11,12 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from metahpo import distributed
-from metahpo.core import Batch, ConfigError, Hypergradient, Task
+from metahpo.core import Batch, Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import Positive, PositiveInt
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
@@ -131,23 +132,13 @@ class ForwardMode:
     def __init__(
         self,
         hvp: HVPMode = "rev_rev",
-        chunk_size: int | None = None,
-        clamp_grad: float | None = None,
-        clamp_hvp: float | None = None,
+        chunk_size: PositiveInt | None = None,
+        clamp_grad: Positive | None = None,
+        clamp_hvp: Positive | None = None,
         tangents: TangentMode = "auto",
     ) -> None:
-        if tangents not in ("auto", "generic"):
-            raise ConfigError(f"estimator.tangents={tangents!r} is unknown; allowed: auto, generic")
+        # argument types and ranges: checked from these hints (metahpo.validation)
         self.tangents = tangents
-        if hvp not in ("auto", *HVP_FORMULATIONS):
-            raise ConfigError(
-                f"estimator.hvp={hvp!r} is unknown; allowed: auto, {', '.join(HVP_FORMULATIONS)}"
-            )
-        if chunk_size is not None and chunk_size < 1:
-            raise ConfigError(f"estimator.chunk_size={chunk_size} must be a positive integer")
-        for key, c in (("clamp_grad", clamp_grad), ("clamp_hvp", clamp_hvp)):
-            if c is not None and not c > 0:
-                raise ConfigError(f"estimator.{key}={c} must be positive (or null: off)")
         self.hvp = hvp
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad

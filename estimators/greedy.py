@@ -8,11 +8,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from metahpo.core import ConfigError, Hypergradient, Task
+from metahpo.core import Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
-from metahpo.schedule import HyperSchedule, per_key, positive_per_type
+from metahpo.schedule import HyperSchedule, per_key
+from metahpo.validation import Positive, PositiveInt
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
@@ -64,16 +65,14 @@ class Greedy:
 
     def __init__(
         self,
-        W: int = 10,
+        W: PositiveInt = 10,
         update: Update = "sign",
-        step_size: Mapping[str, float] | None = None,
+        step_size: Mapping[str, Positive] | None = None,
     ) -> None:
-        self.W = check_window("W", W)
-        if update not in ("sign", "gradient"):
-            raise ConfigError(f"estimator.update={update!r} is unknown; allowed: sign, gradient")
+        self.W = W
         self.update = update
         sizes = DEFAULT_STEP_SIZE if step_size is None else step_size
-        self.step_size = positive_per_type("estimator.step_size", sizes)
+        self.step_size = {str(k): float(v) for k, v in sizes.items()}
 
     def check(self, schedule: HyperSchedule) -> None:
         """Raise ConfigError unless W fits the horizon and every learned key has a step size."""

@@ -22,9 +22,10 @@ stored outright instead (64 bits per parameter; momentum 0 destroys all of it).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Interval, Le
 from torch import Tensor
 from torch.func import vjp
 
@@ -33,6 +34,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule, split_key
+from metahpo.validation import Positive
 
 LIMB_BITS = 31
 _MASK = (1 << LIMB_BITS) - 1
@@ -124,16 +126,11 @@ class Reversible:
     data_parallel = False
 
     def __init__(
-        self, radix_bits: int = 44, momentum_bits: int = 30, store_below: float = 1 / 16
+        self,
+        radix_bits: Annotated[int, Interval(ge=8, le=56)] = 44,
+        momentum_bits: Annotated[int, Interval(ge=1, le=30)] = 30,
+        store_below: Annotated[Positive, Le(1)] = 1 / 16,
     ) -> None:
-        if not (isinstance(radix_bits, int) and 8 <= radix_bits <= 56):
-            raise ConfigError(f"estimator.radix_bits={radix_bits!r} must be an integer, 8..56")
-        if not (isinstance(momentum_bits, int) and 1 <= momentum_bits <= 30):
-            raise ConfigError(
-                f"estimator.momentum_bits={momentum_bits!r} must be an integer, 1..30"
-            )
-        if not (isinstance(store_below, int | float) and 0 < store_below <= 1):
-            raise ConfigError(f"estimator.store_below={store_below!r} must be in (0, 1]")
         self.radix_bits = radix_bits
         self.momentum_bits = momentum_bits
         self.store_below = float(store_below)

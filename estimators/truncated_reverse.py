@@ -9,6 +9,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import PositiveInt
 
 
 class TruncatedReverse:
@@ -40,8 +41,8 @@ class TruncatedReverse:
     name = "truncated_reverse"
     data_parallel = True
 
-    def __init__(self, K: int = 20) -> None:
-        self.K = check_window("K", K)
+    def __init__(self, K: PositiveInt = 20) -> None:
+        self.K = K
 
     def check(self, schedule: HyperSchedule) -> None:
         """Raise ConfigError unless K fits the horizon (called before any training)."""

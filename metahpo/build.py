@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -176,6 +177,11 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
             f"estimator._target_={cfg.estimator._target_!r} has no hypergradient(task, schedule)"
         )
     inner = optimizer_from_config(cfg.optimizer)
+    from metahpo.estimators.auto import check_fits  # the memory model, one place
+
+    check_fits(
+        int(cfg.horizon), _n_keys(cfg.schedule), torch.empty((), dtype=dtype).itemsize, device
+    )
     schedule = schedule_from_config(cfg.schedule, cfg.horizon, inner)
     # Parameter groups are matched against the task's parameter names now, before training.
     resolve_groups(schedule, *_names_and_sizes(task))
@@ -197,6 +203,11 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
         optimizer=optimizer,
         logger=logger,
     )
+
+
+def _n_keys(cfg: DictConfig) -> int:
+    """Schedule keys the ``schedule`` group makes (one per group of a grouped entry)."""
+    return sum(len(c.groups) if c.get("groups") else 1 for c in cfg.values())
 
 
 def _names_and_sizes(task: Task) -> tuple[list[str], list[int]]:

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metahpo import distributed
-from metahpo.config import check_composes, check_overrides, config_dir
+from metahpo.config import check_composes, check_overrides, check_writable, config_dir
 from metahpo.core import ConfigError, DivergenceError
 from metahpo.runner import format_table, run
 
@@ -101,6 +101,9 @@ def main() -> None:
     try:
         check_overrides(overrides)
         check_composes(overrides)
+        for o in overrides:  # before Hydra opens its log file there
+            if o.startswith("hydra.run.dir=") and not known.multirun:
+                check_writable(o.partition("=")[2], "hydra.run.dir")
     except ConfigError as e:
         _fail(str(e))
     if distributed.launched() and not distributed.is_main():

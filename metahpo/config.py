@@ -6,17 +6,30 @@ Everything a user can get wrong is checked here before any training starts, and 
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import annotated_types as at
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from metahpo.core import ConfigError
 from metahpo.optim import InnerOptimizer
+from metahpo.validation import (
+    Allowed,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveInt,
+    check_arguments,
+    check_model,
+    check_node,
+)
 
 GROUPS = ("task", "estimator", "optimizer", "schedule", "outer", "logger", "experiment")
 
@@ -81,11 +94,21 @@ def check_overrides(overrides: Sequence[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(
             [o for o in overrides if not o.startswith("-")]
         )
-    except HydraException as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"could not parse the overrides: {first}") from None
+    except HydraException:
+        for o in overrides:  # the one that does not parse, and why
+            try:
+                OverridesParser.create().parse_overrides([o])
+            except HydraException as e:
+                why = str(e).strip().splitlines()[0].strip()
+                raise ConfigError(
+                    f"{o} cannot be parsed ({why}); quote a value with special characters: "
+                    "key='...'"
+                ) from None
+        raise
     for o in parsed:
         group = o.key_or_group
+        if not group:
+            raise ConfigError(f"{o.input_line!r} names no key; an override is key=value")
         if group not in GROUPS or o.is_delete() or o.package:
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
@@ -108,10 +131,11 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def check_composes(overrides: Sequence[str]) -> None:
-    """Compose the first job of ``overrides`` (a sweep's first values) and report in one line.
+    """Compose and validate the first job of ``overrides`` (a sweep's first values).
 
     The CLI calls this before Hydra runs, so that a key missing from the config
-    (``outer.nope=1``) is one line rather than Hydra's multi-line report.
+    (``outer.nope=1``) is one line rather than Hydra's multi-line report, and a bad value stops
+    before Hydra creates the run directory.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -128,7 +152,7 @@ def check_composes(overrides: Sequence[str]) -> None:
             first.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
         else:
             first.append(f"{key}={o.get_value_element_as_str()}")
-    _compose(first)
+    validate(_compose(first))
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -143,6 +167,8 @@ def _compose(overrides: list[str]) -> DictConfig:
             return hydra_compose("config", overrides=overrides)
     except HydraException as e:
         raise _one_line(e, overrides) from None
+    except ValueError as e:  # Hydra's own checks of the defaults list
+        raise ConfigError(f"could not compose the config: {str(e).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -179,109 +205,149 @@ def _one_line(error: Exception, overrides: list[str]) -> ConfigError:
 
 
 # -- validation -------------------------------------------------------------------------------
+class _Node(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class _Outer(_Node):
+    optimizer: dict[str, Any]  # a plugin: checked against its class
+    steps: NonNegativeInt
+    stop_fraction: NonNegative
+    clip: Annotated[Positive | None, Field(description="null: no clipping")]
+    select: Literal["best", "last"]
+    max_failures: PositiveInt
+    accept: Literal["finite", "meta_loss"]
+    tolerance: Annotated[
+        NonNegative,
+        Field(
+            description="the meta-loss rise allowed over the best accepted one, as a fraction of it"
+        ),
+    ]
+    seeds: Annotated[PositiveInt, Field(description="inner seeds averaged per outer step")]
+    budget: Annotated[PositiveInt | None, Field(description="inner runs; null: no cap")]
+
+
+class _Final(_Node):
+    seeds: Annotated[list[NonNegativeInt], at.MinLen(1)]
+    baseline_cache: Annotated[
+        Annotated[str, at.MinLen(1)] | None, Allowed("auto, a directory or null (no cache)")
+    ]
+
+
+class _Distributed(_Node):
+    backend: Literal["auto", "gloo", "nccl"]
+    timeout: Annotated[Positive, Field(description="seconds")]
+
+
+class _Config(_Node):
+    """The keys metahpo itself reads; plugins' keys are checked against their classes."""
+
+    seed: NonNegativeInt
+    horizon: Annotated[PositiveInt, Field(description="inner steps per run")]
+    device: Annotated[
+        str,
+        StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$"),
+        Allowed("auto, cpu, cuda or cuda:N"),
+    ]
+    dtype: Literal["float32", "float64"]
+    progress: bool
+    resume: str | None
+    final: _Final
+    distributed: _Distributed
+    outer: _Outer
+    task: dict[str, Any]
+    estimator: dict[str, Any]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    logger: dict[str, Any]
+    baseline: dict[str, Any]
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise ConfigError unless ``path`` is (or can be made) a directory this process writes."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".metahpo-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={str(path)!r} is not a writable directory ({type(e).__name__}: "
+            f"{e.strerror or e}); choose one you can write"
+        ) from None
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int(cfg: DictConfig, key: str, *, low: int, high: int | None = None, what: str = "") -> int:
-    v = OmegaConf.select(cfg, key)
-    ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
-    if not ok:
-        rng = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-        raise ConfigError(f"{key}={v!r} must be {rng}{what}")
-    return int(v)
-
-
-def _number(
-    cfg: DictConfig, key: str, *, low: float | None = None, allow_none: bool = False
-) -> None:
-    v = OmegaConf.select(cfg, key)
-    if v is None and allow_none:
-        return
-    if not _is_number(v) or (low is not None and v < low):
-        bound = "" if low is None else f" >= {low}"
-        none = " (or null)" if allow_none else ""
-        raise ConfigError(f"{key}={v!r} must be a number{bound}{none}")
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` with every interpolation resolved; ConfigError naming a key that cannot be."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "")
+        raw: Any = OmegaConf.to_container(cfg, resolve=False)
+        for part in key.split(".") if key else []:
+            raw = raw.get(part) if isinstance(raw, dict) else raw
+        reason = str(getattr(e, "msg", e)).strip().splitlines()
+        raise ConfigError(
+            f"{key or 'config'}={raw!r} cannot be resolved ({reason[0] if reason else type(e)}); "
+            "an interpolation names an existing key, ${key} or ${oc.env:VAR,default}"
+        ) from None
+    assert isinstance(data, dict)
+    return data
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value the run depends on; raise ConfigError naming the first bad key."""
+    """Check every value the run depends on; raise ConfigError naming the first bad key.
+
+    metahpo's own keys are typed by :class:`_Config`; every plugin's arguments by its own
+    constructor's signature (:mod:`metahpo.validation`); relations between keys here.
+    """
     for key in ("task", "estimator", "optimizer", "schedule", "outer", "logger", "baseline"):
-        if OmegaConf.select(cfg, key) is None:
+        if OmegaConf.select(cfg, key, throw_on_resolution_failure=False) is None:
             raise ConfigError(f"{key} is missing from the config; pick one with {key}=<name>")
-    _check_known_keys(cfg)
-    horizon = _int(cfg, "horizon", low=1, what=" (inner steps per run)")
-    _int(cfg, "seed", low=0)
-    if str(cfg.dtype) not in ("float32", "float64"):
-        raise ConfigError(f"dtype={cfg.dtype!r} is unknown; allowed: float32, float64")
-    device = str(cfg.device)
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"device={device!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
+    data = resolved(cfg)
+    for group in ("task", "estimator", "optimizer"):
+        if isinstance(data.get(group), dict) and "_target_" not in data[group]:
+            raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
+    if isinstance(data.get("outer"), dict):
+        node = data["outer"].get("optimizer")
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(
+                "outer.optimizer._target_ is missing: name the outer optimiser's class"
+            )
+    check_model("", _Config, data)
+    horizon = int(data["horizon"])
     optimizer = optimizer_class(cfg)
+    check_arguments(
+        "optimizer", optimizer, {k: v for k, v in data["optimizer"].items() if k != "baseline"}
+    )
+    check_node("task", data["task"])
+    check_node("estimator", data["estimator"])
+    check_node("outer.optimizer", data["outer"]["optimizer"])
+    logger = data["logger"]
+    if "_target_" in logger:  # a user's file in the older, flat form
+        check_node("logger", logger)
+    for name, node in ({} if "_target_" in logger else logger).items():
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(
+                f"logger.{name}._target_ is missing: each entry of logger names its class"
+            )
+        check_node(f"logger.{name}", node)
     _validate_schedule(cfg, horizon, optimizer)
-    _validate_outer(cfg)
     _validate_baseline(cfg, optimizer)
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
         raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")
-    seeds = OmegaConf.select(cfg, "final.seeds")
-    if (
-        not isinstance(seeds, ListConfig)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
-        raise ConfigError(f"final.seeds={seeds!r} must be a non-empty list of integers >= 0")
-    cache = OmegaConf.select(cfg, "final.baseline_cache")
-    if cache is not None and (not isinstance(cache, str) or not cache):
+    outer = data["outer"]
+    if outer["budget"] is not None and outer["budget"] < 2 * outer["seeds"]:
         raise ConfigError(
-            f"final.baseline_cache={cache!r} must be auto, a directory or null (no cache)"
+            f"outer.budget={outer['budget']} must be an integer >= {2 * outer['seeds']} or null "
+            f"(inner runs; an outer step and a score take 2 x outer.seeds={outer['seeds']})"
         )
-    backend = OmegaConf.select(cfg, "distributed.backend")
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"distributed.backend={backend!r} is unknown; allowed: auto, gloo, nccl")
-    timeout = OmegaConf.select(cfg, "distributed.timeout")
-    if not _is_number(timeout) or timeout <= 0:
-        raise ConfigError(f"distributed.timeout={timeout!r} must be a positive number (seconds)")
-    for group in ("task", "estimator", "optimizer"):
-        if "_target_" not in cfg[group]:
-            raise ConfigError(f"{group}._target_ is missing: a {group} config names its class")
-    if "_target_" not in cfg.logger:  # one entry per tracker: logger.wandb, logger.csv, ...
-        for name, node in cfg.logger.items():
-            if not isinstance(node, DictConfig) or "_target_" not in node:
-                raise ConfigError(
-                    f"logger.{name}._target_ is missing: each entry of logger names its class"
-                )
-
-
-@functools.cache
-def _known_keys() -> dict[str, set[str]]:
-    """Keys metahpo itself reads, by node; read off the shipped files, so they never drift."""
-    root = config_dir()
-    primary = OmegaConf.load(root / "config.yaml")
-    outer: set[str] = set()
-    for path in (root / "outer").glob("*.yaml"):
-        outer |= {str(k) for k in OmegaConf.load(path)}
-    return {
-        "": ({str(k) for k in primary} - {"defaults", "hydra"}) | set(GROUPS) | {"baseline"},
-        "outer": outer,
-        "final": {str(k) for k in primary.final},
-        "distributed": {str(k) for k in primary.distributed},
-    }
-
-
-def _check_known_keys(cfg: DictConfig) -> None:
-    """A key added with ``+key=...`` that nothing reads would be silently ignored: reject it."""
-    for node, known in _known_keys().items():
-        value = OmegaConf.select(cfg, node) if node else cfg
-        if not isinstance(value, DictConfig):
-            continue
-        for key in value:
-            if str(key) not in known:
-                full = f"{node}.{key}" if node else str(key)
-                raise ConfigError(
-                    f"{full} is not a key metahpo reads; keys{' under ' + node if node else ''}:"
-                    f" {', '.join(sorted(known))}"
-                )
 
 
 def optimizer_class(cfg: DictConfig) -> type[InnerOptimizer]:
@@ -427,39 +493,9 @@ def _validate_baseline(cfg: DictConfig, optimizer: type[InnerOptimizer]) -> None
                 f"{where}.{name} is not a hyperparameter of the {optimizer.name} optimizer; "
                 f"allowed: {', '.join(optimizer.hyperparameters)}{hint}"
             )
-        spec = optimizer.hyperparameters[str(name)]
-        closed = math.isfinite(spec.low) and not spec.low_open
-        _number(cfg, f"{where}.{name}", low=spec.low if closed else None)
+        if not _is_number(values[name]):
+            raise ConfigError(
+                f"{where}.{name}={values[name]!r} must be a number "
+                f"{optimizer.hyperparameters[str(name)].domain()}".replace(" any number", "")
+            )
         optimizer.check_value(f"{where}.{name}", str(name), float(values[name]))
-
-
-def _validate_outer(cfg: DictConfig) -> None:
-    if OmegaConf.select(cfg, "outer.optimizer._target_") is None:
-        raise ConfigError("outer.optimizer._target_ is missing: name the outer optimiser's class")
-    _int(cfg, "outer.steps", low=0)
-    _int(cfg, "outer.max_failures", low=1)
-    _number(cfg, "outer.stop_fraction", low=0.0)
-    clip = OmegaConf.select(cfg, "outer.clip")
-    if clip is not None and (not _is_number(clip) or clip <= 0):
-        raise ConfigError(f"outer.clip={clip!r} must be a positive number (or null: no clipping)")
-    select = OmegaConf.select(cfg, "outer.select")
-    if select not in ("best", "last"):
-        raise ConfigError(f"outer.select={select!r} is unknown; allowed: best, last")
-    accept = OmegaConf.select(cfg, "outer.accept")
-    if accept not in ("finite", "meta_loss"):
-        raise ConfigError(f"outer.accept={accept!r} is unknown; allowed: finite, meta_loss")
-    tolerance = OmegaConf.select(cfg, "outer.tolerance")
-    if not _is_number(tolerance) or tolerance < 0:
-        raise ConfigError(
-            f"outer.tolerance={tolerance!r} must be a number >= 0 (the meta-loss rise allowed "
-            "over the best accepted one, as a fraction of it)"
-        )
-    seeds = _int(cfg, "outer.seeds", low=1, what=" (inner seeds averaged per outer step)")
-    budget = OmegaConf.select(cfg, "outer.budget")
-    if budget is not None:
-        _int(
-            cfg,
-            "outer.budget",
-            low=2 * seeds,
-            what=f" or null (inner runs; an outer step and a score take 2 x outer.seeds={seeds})",
-        )

@@ -19,7 +19,7 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from metahpo import results as results_lib
@@ -154,7 +154,7 @@ class WandbLogger:
         self,
         project: str | None = None,
         entity: str | None = None,
-        mode: str | None = None,
+        mode: Literal["online", "offline", "disabled"] | None = None,
         group: str | None = None,
         tags: Sequence[str] = (),
         dir: str | None = None,

@@ -115,8 +115,6 @@ class SGD(InnerOptimizer):
     }
 
     def __init__(self, nesterov: bool = False) -> None:
-        if not isinstance(nesterov, bool):
-            raise ConfigError(f"optimizer.nesterov={nesterov!r} must be true or false")
         self.nesterov = nesterov
 
     def init(self, theta: Tensor) -> State:

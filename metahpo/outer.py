@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Le
 from torch import Tensor
 
 from metahpo.core import ConfigError
-from metahpo.schedule import HyperSchedule, per_key, positive_per_type
+from metahpo.schedule import HyperSchedule, per_key
+from metahpo.validation import Decay, Positive
+
+#: A step as a fraction of a key's bounds width (Rprop).
+Width = Annotated[Positive, Le(1)]
 
 State = dict[str, Any]
 # A schedule key the per-type settings do not name (``default`` neither) steps by this fraction
@@ -67,8 +72,8 @@ class SignDescent:
     of its value's magnitude. Hypergradient clipping does not change a sign step.
     """
 
-    def __init__(self, step_size: Mapping[str, float], halve_on_flip: bool = True) -> None:
-        self.step_size = positive_per_type("outer.step_size", step_size)
+    def __init__(self, step_size: Mapping[str, Positive], halve_on_flip: bool = True) -> None:
+        self.step_size = _floats(step_size)
         self.halve_on_flip = halve_on_flip
 
     def init(self, schedule: HyperSchedule) -> State:
@@ -117,9 +122,12 @@ class Adam(_ScaledStep):
     """Adam on the shared values, with a learning rate per hyperparameter type."""
 
     def __init__(
-        self, lr: Mapping[str, float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12
+        self,
+        lr: Mapping[str, Positive],
+        betas: tuple[Decay, Decay] = (0.9, 0.999),
+        eps: Positive = 1e-12,
     ) -> None:
-        self.lr = positive_per_type("outer.lr", lr)
+        self.lr = _floats(lr)
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
 
@@ -146,8 +154,8 @@ class Adam(_ScaledStep):
 class SGD(_ScaledStep):
     """Plain gradient descent on the shared values, with a learning rate per type."""
 
-    def __init__(self, lr: Mapping[str, float]) -> None:
-        self.lr = positive_per_type("outer.lr", lr)
+    def __init__(self, lr: Mapping[str, Positive]) -> None:
+        self.lr = _floats(lr)
 
     def init(self, schedule: HyperSchedule) -> State:
         per_key("outer.optimizer.lr", self.lr, schedule)
@@ -176,23 +184,24 @@ class Rprop:
 
     def __init__(
         self,
-        step: float | Mapping[str, float] = 0.05,
-        grow: float = 1.2,
-        shrink: float = 0.5,
-        max_step: float = 0.25,
-        min_step: float = 1e-4,
+        step: Width | Mapping[str, Width] = 0.05,
+        grow: Annotated[float, Ge(1)] = 1.2,
+        shrink: Width = 0.5,
+        max_step: Width = 0.25,
+        min_step: Width = 1e-4,
     ) -> None:
         if isinstance(step, Mapping):
-            self.fractions: dict[str, float] | None = positive_per_type(
-                "outer.optimizer.step", step
-            )
+            self.fractions: dict[str, float] | None = _floats(step)
             self.fraction = 0.0
         else:
-            self.fractions, self.fraction = None, _positive("step", step, high=1.0)
-        self.grow = _positive("grow", grow, low=1.0)
-        self.shrink = _positive("shrink", shrink, high=1.0)
-        self.max_step = _positive("max_step", max_step, high=1.0)
-        self.min_step = _positive("min_step", min_step, high=self.max_step)
+            self.fractions, self.fraction = None, float(step)
+        if min_step > max_step:
+            raise ConfigError(
+                f"outer.optimizer.min_step={min_step} must be <= "
+                f"outer.optimizer.max_step={max_step}"
+            )
+        self.grow, self.shrink = float(grow), float(shrink)
+        self.max_step, self.min_step = float(max_step), float(min_step)
 
     @staticmethod
     def _width(schedule: HyperSchedule, name: str) -> float:
@@ -240,15 +249,5 @@ class Rprop:
         return {**state, "step": {n: s / 2 for n, s in state["step"].items()}}
 
 
-def _positive(
-    key: str, value: Any, *, low: float | None = None, high: float | None = None
-) -> float:
-    """``value`` as a float in ``(0, high]`` (``[low, high]`` when ``low`` is given)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if low is not None else value > 0)
-    ok = ok and (high is None or value <= high)
-    if not ok:
-        lower = f">= {low}" if low is not None else "> 0"
-        upper = f" and <= {high}" if high is not None else ""
-        raise ConfigError(f"outer.optimizer.{key}={value!r} must be a number {lower}{upper}")
-    return float(value)
+def _floats(values: Mapping[str, float]) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from metahpo import distributed
 from metahpo.build import Setup, baseline_config, build
-from metahpo.config import validate
+from metahpo.config import check_writable, validate
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
 from metahpo.device import CostMeter, rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
@@ -82,9 +82,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     distributed.join(cfg)
     if distributed.world_size() > 1:
         cfg, output_dir = _rank_view(cfg, output_dir)
-    started = time.perf_counter()
     out_dir = Path(output_dir) if output_dir is not None else None
     seed_everything(int(cfg.seed))  # global generators too: a plugin drawing from them repeats
+    if out_dir is not None:
+        check_writable(out_dir, "hydra.run.dir")
     setup = build(cfg)
     loop = _OuterLoop(cfg, setup, out_dir)  # checks a checkpoint before anything is written
     if out_dir is not None:
@@ -101,7 +102,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             loop.run()
         except KeyboardInterrupt:
             loop.stopped = "interrupted"
-            results = _results(cfg, setup, loop, None, time.perf_counter() - started)
+            results = _results(cfg, setup, loop, None, loop.wall())
             files = _write(out_dir, results, setup, loop)
             where = f" resume={out_dir}" if out_dir else ""
             log.warning(
@@ -109,7 +110,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             )
             raise
         final = None if loop.learned is None else _final_evaluation(cfg, setup, loop.learned)
-        results = _results(cfg, setup, loop, final, time.perf_counter() - started)
+        results = _results(cfg, setup, loop, final, loop.wall())
         files = _write(out_dir, results, setup, loop)
         if loop.learned is None:
             where = f"; results so far: {out_dir / 'results.json'}" if out_dir else ""
@@ -164,6 +165,7 @@ class _OuterLoop:
         self.message: str | None = None
         self.k = 0
         self.inner_runs = 0
+        self.started, self.wall_before = time.perf_counter(), 0.0  # earlier processes' time
         self.learned: HyperSchedule | None = self.schedule
         self.selected = 0
         n_seeds = int(cfg.outer.seeds)
@@ -196,6 +198,7 @@ class _OuterLoop:
                 "rejections": self.rejections,
                 "failures": self.failures,
                 "inner_runs": self.inner_runs,
+                "wall_seconds": self.wall(),
                 "anchor": anchor,
                 "done": self.done,
                 "message": self.message,
@@ -236,6 +239,7 @@ class _OuterLoop:
         self.state, self.history, self.k = ckpt["state"], ckpt["history"], ckpt["k"]
         self.rejections, self.failures = ckpt["rejections"], ckpt["failures"]
         self.inner_runs = ckpt["inner_runs"]
+        self.wall_before = float(ckpt.get("wall_seconds", 0.0))
         anchor = ckpt["anchor"]
         if anchor is not None:
             self.anchor = (base.replace(anchor["values"]), anchor["state"], anchor["grads"])
@@ -245,6 +249,10 @@ class _OuterLoop:
         if own is not None and callable(getattr(self.setup.estimator, "load_state_dict", None)):
             self.setup.estimator.load_state_dict(own)
         log.info("resumed from %s at outer step %d", ckpt_path, self.k)
+
+    def wall(self) -> float:
+        """Wall time of the run so far, summed over the processes that resumed it."""
+        return self.wall_before + time.perf_counter() - self.started
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -518,8 +526,15 @@ def _mean_or_none(values: list[Any]) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)
 
 
+#: Keys a resumed run may change (docs/reliability.md): more or fewer outer steps or inner
+#: runs, where it runs and reports, and the final evaluation after the outer loop.
+RESUMABLE = ("outer.steps", "outer.budget", "progress", "resume", "device", "final", "logger")
+RESUMABLE += ("distributed",)
+
+
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What a checkpoint must share with the config that resumes it, flattened by key."""
+    """What a checkpoint must share with the config that resumes it, flattened by key: every
+    key but the :data:`RESUMABLE` ones."""
     out: dict[str, Any] = {}
 
     def flatten(prefix: str, value: Any) -> None:
@@ -529,25 +544,13 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix] = value
 
-    flatten("task", OmegaConf.to_container(cfg.task, resolve=True))
-    for key in (
-        "seed",
-        "horizon",
-        "dtype",
-        "estimator._target_",
-        "outer.optimizer._target_",
-        "optimizer._target_",
-        "outer.seeds",
-        "outer.accept",
-    ):
-        out[key] = OmegaConf.select(cfg, key)
-    for name in cfg.schedule:
-        for part in ("segments", "learn", "groups"):
-            value = OmegaConf.select(cfg, f"schedule.{name}.{part}")
-            if isinstance(value, DictConfig):
-                value = OmegaConf.to_container(value, resolve=True)
-            out[f"schedule.{name}.{part}"] = value
-    return out
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    for key, value in data.items():
+        flatten(str(key), value)
+    return {
+        k: v for k, v in out.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)
+    }
 
 
 def _check_finite(hg: Hypergradient, estimator: Any) -> None:

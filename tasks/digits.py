@@ -10,9 +10,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
-from metahpo.tasks.models import make_activation, positive_ints
+from metahpo.tasks.models import Activation, make_activation, positive_ints
+from metahpo.validation import Fraction, NonNegativeInt, PositiveInt
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
@@ -39,17 +39,14 @@ class Digits(SupervisedTask):
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        batch_size: int = 128,
-        hidden: Sequence[int] = (128,),
-        activation: str = "relu",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        n_train: int | None = None,
-        split_seed: int = 0,
+        batch_size: PositiveInt = 128,
+        hidden: Sequence[PositiveInt] = (128,),
+        activation: Activation = "relu",
+        val_fraction: Fraction = 0.2,
+        test_fraction: Fraction = 0.2,
+        n_train: PositiveInt | None = None,
+        split_seed: NonNegativeInt = 0,
     ) -> None:
-        for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < frac < 1:
-                raise ConfigError(f"task.{key}={frac} must lie strictly between 0 and 1")
         x, y = load_digits(return_X_y=True)
         x_rest, x_test, y_rest, y_test = train_test_split(
             x, y, test_size=test_fraction, random_state=split_seed, stratify=y

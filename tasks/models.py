@@ -8,11 +8,16 @@ are plain ``nn.Module``s; tasks evaluate them functionally, so nothing here is m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Le
 from torch import Tensor, nn
 
 from metahpo.core import ConfigError
+from metahpo.validation import PositiveInt
+
+Activation = Literal["relu", "tanh", "gelu", "softplus"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -57,15 +62,11 @@ class LeNet(nn.Sequential):
         image_size: int,
         n_classes: int,
         *,
-        channels: Sequence[int] = (6, 16),
-        hidden: Sequence[int] = (120, 84),
-        activation: str = "relu",
-        pool: str = "max",
+        channels: tuple[PositiveInt, PositiveInt] = (6, 16),
+        hidden: Sequence[PositiveInt] = (120, 84),
+        activation: Activation = "relu",
+        pool: Literal["max", "avg"] = "max",
     ) -> None:
-        if len(channels) != 2 or not all(int(c) >= 1 for c in channels):
-            raise ConfigError(f"task.model.channels={list(channels)} must be two positive integers")
-        if pool not in ("max", "avg"):
-            raise ConfigError(f"task.model.pool={pool!r} is unknown; allowed: max, avg")
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
             raise ConfigError(
@@ -138,25 +139,17 @@ class WideResNet(nn.Module):
         image_size: int,
         n_classes: int,
         *,
-        depth: int = 16,
-        width: int = 1,
-        base_channels: int = 16,
-        activation: str = "relu",
-        bn_momentum: float = 0.1,
+        depth: Annotated[int, Ge(10)] = 16,
+        width: PositiveInt = 1,
+        base_channels: PositiveInt = 16,
+        activation: Activation = "relu",
+        bn_momentum: Annotated[float, Gt(0), Le(1)] = 0.1,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
+        if (depth - 4) % 6:
             raise ConfigError(
                 f"task.model.depth={depth} must be 6n+4 with n >= 1 (10, 16, 22, 28...)"
             )
-        if width < 1:
-            raise ConfigError(f"task.model.width={width} must be a positive integer")
-        if base_channels < 1:
-            raise ConfigError(
-                f"task.model.base_channels={base_channels} must be a positive integer"
-            )
-        if not 0.0 < bn_momentum <= 1.0:
-            raise ConfigError(f"task.model.bn_momentum={bn_momentum} must lie in (0, 1]")
         n = (depth - 4) // 6
         widths = [
             base_channels,

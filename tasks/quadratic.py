@@ -7,11 +7,17 @@ momentum is a linear recurrence and hypergradients have closed forms in simple c
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge
 from torch import nn
 
-from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
+from metahpo.validation import NonNegative, NonNegativeInt, PositiveInt
+
+#: Ratio of the largest to the smallest feature scale: 1 (isotropic) or more.
+Condition = Annotated[float, Ge(1)]
 
 
 class Quadratic(SupervisedTask):
@@ -31,17 +37,15 @@ class Quadratic(SupervisedTask):
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float64,
-        dim: int = 5,
-        n_train: int = 64,
-        n_val: int = 64,
-        n_test: int = 256,
-        batch_size: int = 16,
-        condition: float = 10.0,
-        noise: float = 0.1,
-        data_seed: int = 0,
+        dim: PositiveInt = 5,
+        n_train: PositiveInt = 64,
+        n_val: PositiveInt = 64,
+        n_test: PositiveInt = 256,
+        batch_size: PositiveInt = 16,
+        condition: Condition = 10.0,
+        noise: NonNegative = 0.1,
+        data_seed: NonNegativeInt = 0,
     ) -> None:
-        if dim < 1:
-            raise ConfigError(f"task.dim={dim} must be a positive integer")
         g = torch.Generator().manual_seed(data_seed)
         scales = torch.logspace(
             0, -0.5 * torch.log10(torch.tensor(float(condition))), dim, dtype=torch.float64

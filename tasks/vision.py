@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
+from metahpo.validation import Fraction, NonNegativeInt, PositiveInt
 
 # (root, train, download) -> (uint8 images [N, C, H, W], int64 labels [N]), through torchvision.
 Reader = Callable[[Path, bool, bool], tuple[Tensor, Tensor]]
@@ -214,25 +215,18 @@ class VisionTask(SupervisedTask):
         root: str | Path = "data",
         download: bool = True,
         model: ModelFactory | None = None,
-        val_fraction: float = 0.05,
-        split_seed: int = 0,
-        n_train: int | None = None,
-        n_test: int | None = None,
-        crop_padding: int | None = None,
+        val_fraction: Fraction = 0.05,
+        split_seed: NonNegativeInt = 0,
+        n_train: PositiveInt | None = None,
+        n_test: PositiveInt | None = None,
+        crop_padding: NonNegativeInt | None = None,
         flip: bool | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 1000,
+        batch_size: PositiveInt = 256,
+        eval_batch_size: PositiveInt = 1000,
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"task.val_fraction={val_fraction} must lie strictly between 0 and 1")
-        for key, cap in (("n_train", n_train), ("n_test", n_test)):
-            if cap is not None and cap < 1:
-                raise ConfigError(f"task.{key}={cap} must be a positive integer (or null: all)")
-        if eval_batch_size < 1:
-            raise ConfigError(f"task.eval_batch_size={eval_batch_size} must be a positive integer")
         device = torch.device(device)
         root = Path(root).expanduser()
         x_all, y_all = load_split(self.source, root, train=True, download=download)

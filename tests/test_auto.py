@@ -12,6 +12,7 @@ import metahpo
 from metahpo.core import ConfigError
 from metahpo.estimators.auto import FORWARD_PER_COLUMN, REVERSE, Auto, choose, started_columns
 from metahpo.estimators.exact_reverse import ExactReverse
+from metahpo.validation import check_arguments
 from tests.conftest import assert_grads_close, make_schedule, small_digits
 
 MIB = 2**20
@@ -57,8 +58,8 @@ def test_data_parallel_never_picks_plain_exact_reverse() -> None:
 def test_nothing_fits_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^estimator.memory_mb=0.1: no exact estimator fits"):
         choose(800, [30] * 800, P, STATE, PER_STEP, 4, 1, int(0.1 * MIB))
-    with pytest.raises(ConfigError, match=r"^estimator.memory_mb=0 must be a positive number"):
-        Auto(memory_mb=0)
+    with pytest.raises(ConfigError, match=r"^estimator.memory_mb=0 must be a number > 0 or null"):
+        check_arguments("estimator", Auto, {"memory_mb": 0})
 
 
 def test_auto_delegates_and_reports() -> None:

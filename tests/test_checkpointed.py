@@ -18,6 +18,7 @@ from metahpo.estimators.checkpointed_reverse import (
 from metahpo.estimators.exact_reverse import ExactReverse
 from metahpo.estimators.forward import ForwardMode
 from metahpo.optim import SGD, AdamW
+from metahpo.validation import check_arguments
 from tests.conftest import (
     EXACT_TASKS,
     SHARING,
@@ -103,10 +104,10 @@ def test_stretch_for_budget_is_the_longest_that_fits() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"stretch": 0}, "estimator.stretch=0 must be an integer from 1 to the horizon"),
+        ({"stretch": 0}, "estimator.stretch=0 must be an integer >= 1 or null"),
         ({"stretch": 2.5}, "estimator.stretch=2.5 must be an integer"),
-        ({"memory_mb": -1}, "estimator.memory_mb=-1 must be a positive number (MiB)"),
-        ({"memory_mb": "big"}, "estimator.memory_mb='big' must be a positive number"),
+        ({"memory_mb": -1}, "estimator.memory_mb=-1 must be a number > 0 or null"),
+        ({"memory_mb": "big"}, "estimator.memory_mb='big' must be a number > 0"),
         (
             {"stretch": 3, "memory_mb": 10},
             "estimator.stretch=3 and estimator.memory_mb=10 are both",
@@ -116,7 +117,8 @@ def test_stretch_for_budget_is_the_longest_that_fits() -> None:
 )
 def test_bad_settings_are_one_line(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        CheckpointedReverse(**kwargs)
+        check_arguments("estimator", CheckpointedReverse, kwargs)
+        CheckpointedReverse(**kwargs)  # relations between the arguments
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

@@ -11,7 +11,10 @@ from metahpo.optim import SGD as InnerSGD
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.outer import SGD, Adam, Rprop, SignDescent, clip_by_norm
 from metahpo.schedule import HyperSchedule, HyperSpec, cosine_schedule, per_key
-from tests.conftest import make_schedule, quadratic, small_digits
+from metahpo.validation import check_arguments
+from metahpo.tasks.digits import Digits
+from metahpo.tasks.quadratic import Quadratic
+from tests.conftest import make_schedule, small_digits
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -138,10 +141,11 @@ def test_bad_task_arguments() -> None:
         small_digits(n_train=100, batch_size=1000)
     with pytest.raises(ConfigError, match="task.activation='swish'"):
         small_digits(activation="swish")
-    with pytest.raises(ConfigError, match="task.val_fraction=1.5"):
-        small_digits(val_fraction=1.5)
-    with pytest.raises(ConfigError, match="task.dim=0"):
-        quadratic(dim=0)
+    # types and ranges: declared on the constructor, checked before it runs
+    with pytest.raises(ConfigError, match=r"^task.val_fraction=1.5 must be a number > 0 and < 1$"):
+        check_arguments("task", Digits, {"val_fraction": 1.5})
+    with pytest.raises(ConfigError, match=r"^task.dim=0 must be an integer >= 1$"):
+        check_arguments("task", Quadratic, {"dim": 0})
 
 
 # -- outer optimisers --------------------------------------------------------------------------
@@ -207,10 +211,10 @@ def test_rprop_steps_are_fractions_of_the_bounds_and_grow_while_the_sign_holds()
 
 def test_rprop_settings_fail_in_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^outer.optimizer.step=1.5 must be a number > 0 and"):
-        Rprop(step=1.5)
-    with pytest.raises(ConfigError, match=r"^outer.optimizer.grow=0.9 must be a number >= 1.0$"):
-        Rprop(grow=0.9)
-    with pytest.raises(ConfigError, match=r"^outer.optimizer.min_step=0.5 must be .* <= 0.25$"):
+        check_arguments("outer.optimizer", Rprop, {"step": 1.5})
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.grow=0.9 must be a number >= 1$"):
+        check_arguments("outer.optimizer", Rprop, {"grow": 0.9})
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.min_step=0.5 must be .*=0.25$"):
         Rprop(min_step=0.5)
     with pytest.raises(ConfigError, match=r"^outer.optimizer.step has no entry for lr$"):
         Rprop(step={"momentum": 0.1}).init(_schedule([0.1]))
@@ -235,10 +239,12 @@ def test_clip_by_norm() -> None:
 
 
 def test_optimiser_config_errors() -> None:
-    with pytest.raises(ConfigError, match=r"outer.step_size.lr=-0.1"):
-        SignDescent({"lr": -0.1})
-    with pytest.raises(ConfigError, match=r"outer.lr.momentum='x'"):
-        Adam({"lr": 0.1, "momentum": "x"})
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.step_size.lr=-0.1 must be a numb"):
+        check_arguments("outer.optimizer", SignDescent, {"step_size": {"lr": -0.1}})
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.lr.momentum='x' must be a number"):
+        check_arguments("outer.optimizer", Adam, {"lr": {"lr": 0.1, "momentum": "x"}})
+    with pytest.raises(ConfigError, match=r"^outer.optimizer.betas=\[1.5, 0.9\] must be a list"):
+        check_arguments("outer.optimizer", Adam, {"lr": {"lr": 0.1}, "betas": [1.5, 0.9]})
     with pytest.raises(ConfigError, match="no entry for lr"):
         SignDescent({"momentum": 0.1}).init(_schedule([0.1], bounds=(0.0, float("inf"))))
     with pytest.raises(ConfigError, match="no entry for lr"):

@@ -88,7 +88,7 @@ def test_shards_and_shares_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None
     ("override", "message"),
     [
         ("distributed.backend=mpi", "distributed.backend='mpi' is unknown; allowed: auto, gloo"),
-        ("distributed.timeout=0", "distributed.timeout=0 must be a positive number"),
+        ("distributed.timeout=0", "distributed.timeout=0 must be a number > 0"),
     ],
 )
 def test_bad_distributed_config_is_one_line(override: str, message: str) -> None:

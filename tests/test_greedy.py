@@ -18,6 +18,7 @@ from metahpo.estimators.greedy import Greedy
 from metahpo.estimators.truncated_reverse import TruncatedReverse
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.schedule import HyperSchedule, HyperSpec
+from metahpo.validation import check_arguments
 from tests.conftest import assert_grads_close, make_schedule, quadratic, small_digits
 
 TASKS = {"quadratic": quadratic, "digits": small_digits}
@@ -130,15 +131,15 @@ def test_updates_respect_bounds(quad) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"W": 0}, r"^estimator\.W=0 must be an integer from 1 to the horizon$"),
+        ({"W": 0}, r"^estimator\.W=0 must be an integer >= 1$"),
         ({"W": 1.5}, r"^estimator\.W=1\.5 must be an integer"),
         ({"update": "adam"}, r"^estimator\.update='adam' is unknown; allowed: sign, gradient$"),
-        ({"step_size": {"lr": -1.0}}, r"^estimator\.step_size\.lr=-1\.0 must be a positive"),
+        ({"step_size": {"lr": -1.0}}, r"^estimator\.step_size\.lr=-1\.0 must be a number > 0$"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Greedy(**kwargs)
+        check_arguments("estimator", Greedy, kwargs)
 
 
 def test_checks_against_the_schedule_before_any_training(monkeypatch, quad) -> None:

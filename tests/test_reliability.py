@@ -89,6 +89,36 @@ def test_cli_rejects_a_missing_key_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_more_outer_steps_resume_and_wall_time_adds_up(tmp_path: Path) -> None:
+    # outer.steps is a change a resume allows (docs/reliability.md); the wall time of the
+    # earlier process is carried in the checkpoint and added to this one's
+    first = metahpo.run(metahpo.compose([*QUICK, "outer.steps=1"]), tmp_path)
+    assert first["outer_steps"] == 1
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert 0 < ckpt["wall_seconds"] <= first["wall_time_seconds"]  # the final evaluation
+    start = time.perf_counter()
+    out = metahpo.run(metahpo.compose([*QUICK, "outer.steps=2"]), tmp_path)
+    second = time.perf_counter() - start
+    assert out["outer_steps"] == 2 and out["history"][0] == first["history"][0]
+    assert ckpt["wall_seconds"] < out["wall_time_seconds"] <= ckpt["wall_seconds"] + second
+
+
+def test_an_unwritable_run_directory_stops_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as err:
+        metahpo.run(metahpo.compose(QUICK), blocker / "run")
+    assert str(err.value).startswith(f"hydra.run.dir={str(blocker / 'run')!r} is not a writable ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "metahpo", *QUICK, f"hydra.run.dir={blocker}/run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"metahpo: error: {err.value}"]
+
+
 def test_a_directory_of_another_run_is_not_overwritten(tmp_path: Path) -> None:
     metahpo.run(metahpo.compose(QUICK), tmp_path)
     before = (tmp_path / "config.yaml").read_text()
