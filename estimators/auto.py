@@ -20,7 +20,7 @@ from metahpo.estimators.checkpointed_reverse import (
 )
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import Positive
+from metahpo.validation import checked, Positive
 
 #: Seconds per inner step in units of a plain training step, measured side by side on the
 #: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward
@@ -148,6 +148,7 @@ def choose(
     )
 
 
+@checked("estimator")
 class Auto:
     """Whichever exact estimator the cost model expects to be fastest within a memory budget.
 

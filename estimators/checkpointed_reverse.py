@@ -13,7 +13,7 @@ from metahpo.device import CostMeter, host_bytes_in_use, synchronize
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.reverse import Adjoint, check_window, grad_with_graph, window_hypergradient
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import Positive, PositiveInt
+from metahpo.validation import checked, Positive, PositiveInt
 
 MIB = 2**20
 
@@ -93,6 +93,7 @@ def stretch_for_budget(horizon: int, budget: int, state: int, per_step: int) -> 
     return lo
 
 
+@checked("estimator")
 class CheckpointedReverse:
     """Exact d L_val(theta_T) / d h by reverse mode over stretches recomputed from checkpoints.
 

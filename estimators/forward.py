@@ -16,7 +16,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import Positive, PositiveInt
+from metahpo.validation import checked, Positive, PositiveInt
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
@@ -78,6 +78,7 @@ class Columns:
         return out
 
 
+@checked("estimator")
 class ForwardMode:
     """Exact d L_val(theta_T) / d h for every shared value h, by forward-mode differentiation.
 

@@ -13,13 +13,14 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule, per_key
-from metahpo.validation import Positive, PositiveInt
+from metahpo.validation import checked, Positive, PositiveInt
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
 STEP_FRACTION = 0.02  # a key without a step size steps by this fraction of its bounds' width
 
 
+@checked("estimator")
 class Greedy:
     """One training run whose hyperparameters are moved online, every W steps.
 

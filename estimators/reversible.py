@@ -34,7 +34,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule, split_key
-from metahpo.validation import Positive
+from metahpo.validation import checked, Positive
 
 LIMB_BITS = 31
 _MASK = (1 << LIMB_BITS) - 1
@@ -90,6 +90,7 @@ class InfoBuffer:
         return torch.where(top >= 0, top * LIMB_BITS + length, 0.0).cpu()
 
 
+@checked("estimator")
 class Reversible:
     """Exact d L_val(w_T) / d h for SGD with momentum, by reversing the training run.
 

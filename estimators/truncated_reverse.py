@@ -9,9 +9,10 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import PositiveInt
+from metahpo.validation import checked, PositiveInt
 
 
+@checked("estimator")
 class TruncatedReverse:
     """d L_val(theta_T) / d h with theta_{T-K} held constant: reverse mode over the last K steps.
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from metahpo.core import ConfigError
+from metahpo.validation import checked
 
 State = tuple[Tensor, ...]
 
@@ -92,6 +93,7 @@ _LR = Hyperparameter(1e-3, (0.0, 1.0), low=0.0)
 _NONNEG = Hyperparameter(0.0, (0.0, 0.01), low=0.0)
 
 
+@checked("optimizer")
 class SGD(InnerOptimizer):
     """``torch.optim.SGD`` (dampening 0): lr, momentum and weight decay, optionally Nesterov.
 
@@ -150,6 +152,7 @@ def safe_sqrt(x: Tensor) -> Tensor:
 _BETA = {"low": 0.0, "high": 1.0, "high_open": True}
 
 
+@checked("optimizer")
 class Adam(InnerOptimizer):
     """``torch.optim.Adam`` (no AMSGrad) with every hyperparameter learnable.
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metahpo.core import ConfigError
 from metahpo.schedule import HyperSchedule, per_key
-from metahpo.validation import Decay, Positive
+from metahpo.validation import checked, Decay, Positive
 
 #: A step as a fraction of a key's bounds width (Rprop).
 Width = Annotated[Positive, Le(1)]
@@ -65,6 +65,7 @@ def sign_step(
     return schedule.replace(new_values).project(), {"step": steps, "sign": signs}
 
 
+@checked("outer.optimizer")
 class SignDescent:
     """The paper's update: ``h <- h - sign(dL/dh) * s_h``; ``s_h`` halves when the sign flips.
 
@@ -118,6 +119,7 @@ class _ScaledStep:
         return {**state, "scale": state["scale"] / 2}
 
 
+@checked("outer.optimizer")
 class Adam(_ScaledStep):
     """Adam on the shared values, with a learning rate per hyperparameter type."""
 
@@ -151,6 +153,7 @@ class Adam(_ScaledStep):
         return schedule.replace(new_values).project(), {**state, "m": m, "v": v, "t": t}
 
 
+@checked("outer.optimizer")
 class SGD(_ScaledStep):
     """Plain gradient descent on the shared values, with a learning rate per type."""
 
@@ -169,6 +172,7 @@ class SGD(_ScaledStep):
         return schedule.replace(new).project(), state
 
 
+@checked("outer.optimizer")
 class Rprop:
     """Sign steps measured in each value's bounds range, grown while the sign holds (Rprop).
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types as at
+from omegaconf import Container, OmegaConf
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -327,6 +328,33 @@ def _explain(key: str, value: Any, annotation: Any, loc: tuple[Any, ...]) -> str
         else:
             continue
     return _message(key, value, annotation)
+
+
+def checked(key: str) -> Callable[[type], type]:
+    """Class decorator: every construction checks its arguments against the constructor's hints,
+    so a direct Python call (``TruncatedReverse(K=0)``) fails with the same one-line
+    ``<key>.<argument>=<value> must be ...`` as a config does. Defaults are not re-checked."""
+
+    def decorate(cls: type) -> type:
+        init = cls.__init__  # type: ignore[misc]
+        params = inspect.signature(init).parameters
+        plain = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            given = dict(zip(plain[1:], args, strict=False))
+            given.update(kwargs)
+            plain_values = {  # Hydra hands lists and mappings over as OmegaConf containers
+                k: OmegaConf.to_container(v, resolve=True) if isinstance(v, Container) else v
+                for k, v in given.items()
+            }
+            check_arguments(key, cls, plain_values)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return decorate
 
 
 def check_node(key: str, node: Mapping[str, Any]) -> None:

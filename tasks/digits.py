@@ -12,7 +12,7 @@ from torch import nn
 
 from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.models import Activation, make_activation, positive_ints
-from metahpo.validation import Fraction, NonNegativeInt, PositiveInt
+from metahpo.validation import checked, Fraction, NonNegativeInt, PositiveInt
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
@@ -26,6 +26,7 @@ def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+@checked("task")
 class Digits(SupervisedTask):
     """1797 8x8 grey-level digits (10 classes), standardised with training statistics.
 

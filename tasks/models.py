@@ -15,7 +15,7 @@ from annotated_types import Ge, Gt, Le
 from torch import Tensor, nn
 
 from metahpo.core import ConfigError
-from metahpo.validation import PositiveInt
+from metahpo.validation import checked, PositiveInt
 
 Activation = Literal["relu", "tanh", "gelu", "softplus"]
 
@@ -42,6 +42,7 @@ def make_activation(name: str, key: str = "task.model.activation") -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+@checked("task.model")
 class LeNet(nn.Sequential):
     """LeNet-5: two 5x5 convolutions with 2x2 max-pooling, then three linear layers.
 
@@ -116,6 +117,7 @@ class _WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
+@checked("task.model")
 class WideResNet(nn.Module):
     """WRN-``depth``-``width``: three groups of ``(depth - 4) / 6`` residual blocks.
 

@@ -14,12 +14,13 @@ from annotated_types import Ge
 from torch import nn
 
 from metahpo.taskbase import SupervisedTask
-from metahpo.validation import NonNegative, NonNegativeInt, PositiveInt
+from metahpo.validation import checked, NonNegative, NonNegativeInt, PositiveInt
 
 #: Ratio of the largest to the smallest feature scale: 1 (isotropic) or more.
 Condition = Annotated[float, Ge(1)]
 
 
+@checked("task")
 class Quadratic(SupervisedTask):
     """``y = x . w* + noise`` with ``dim`` features of geometrically spread scales.
 
