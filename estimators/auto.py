@@ -20,7 +20,7 @@ from metahpo.estimators.checkpointed_reverse import (
 )
 from metahpo.inner import FlatTask, Steps
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import checked, Positive
+from metahpo.validation import Positive, checked
 
 #: Seconds per inner step in units of a plain training step, measured side by side on the
 #: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward

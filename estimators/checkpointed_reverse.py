@@ -13,7 +13,7 @@ from metahpo.device import CostMeter, host_bytes_in_use, synchronize
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.reverse import Adjoint, check_window, grad_with_graph, window_hypergradient
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import checked, Positive, PositiveInt
+from metahpo.validation import Positive, PositiveInt, checked
 
 MIB = 2**20
 

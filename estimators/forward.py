@@ -16,7 +16,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import checked, Positive, PositiveInt
+from metahpo.validation import Positive, PositiveInt, checked
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")

@@ -13,7 +13,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule, per_key
-from metahpo.validation import checked, Positive, PositiveInt
+from metahpo.validation import Positive, PositiveInt, checked
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}

@@ -34,7 +34,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule, split_key
-from metahpo.validation import checked, Positive
+from metahpo.validation import Positive, checked
 
 LIMB_BITS = 31
 _MASK = (1 << LIMB_BITS) - 1

@@ -9,7 +9,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, Steps, train
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import checked, PositiveInt
+from metahpo.validation import PositiveInt, checked
 
 
 @checked("estimator")

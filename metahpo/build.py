@@ -6,17 +6,18 @@ new YAML file; nothing is registered anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metahpo import distributed
 from metahpo.core import ConfigError, HypergradientEstimator, Task
-from metahpo.device import resolve_device, resolve_dtype
+from metahpo.device import DTYPES, resolve_device, resolve_dtype
 from metahpo.inner import resolve_groups
 from metahpo.loggers import LoggerGroup, NullLogger
 from metahpo.optim import SGD, InnerOptimizer
@@ -153,6 +154,69 @@ def _loggers(cfg: DictConfig) -> Any:
     return made[0] if len(made) == 1 else LoggerGroup(made)
 
 
+@dataclass(frozen=True)
+class Objects:
+    """Plugins a Python caller already holds; each replaces what its config key would build
+    (``metahpo.run(task=..., estimator=..., outer=...)``)."""
+
+    task: Task | None = None
+    estimator: HypergradientEstimator | None = None
+    outer: Any = None
+
+    def described(self) -> dict[str, Any]:
+        """``{config key: node}`` recording each object by its class and ``name`` (in
+        results.json and the checkpoint's fingerprint)."""
+        out = {}
+        for key, obj in (("task", self.task), ("estimator", self.estimator)):
+            if obj is not None:
+                out[key] = {"_target_": _class_path(obj), "name": str(getattr(obj, "name", ""))}
+        if self.outer is not None:
+            out["outer.optimizer"] = {"_target_": _class_path(self.outer)}
+        return out
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def with_objects(cfg: DictConfig | Sequence[str] | None, objects: Objects) -> DictConfig:
+    """The validated config of a run with ``objects``: composed from overrides when ``cfg`` is
+    not a config; a task object's seed, device and dtype set in it; each object's node replaced
+    by its description (:meth:`Objects.described`)."""
+    from metahpo.config import compose, validate
+
+    if cfg is None or not isinstance(cfg, DictConfig):
+        if isinstance(cfg, str):
+            raise ConfigError(f"cfg={cfg!r}: pass a list of overrides, a DictConfig or None")
+        cfg = compose(list(cfg or ()))
+    if objects.task is not None:
+        task = objects.task
+        if not isinstance(task, Task):
+            raise ConfigError(f"task={type(task).__name__} object is not a metahpo Task")
+        names = {v: k for k, v in DTYPES.items()}
+        if task.dtype not in names:
+            raise ConfigError(f"task.dtype={task.dtype} is unknown; allowed: {', '.join(DTYPES)}")
+        cfg = OmegaConf.merge(
+            cfg, {"seed": int(task.seed), "device": str(task.device), "dtype": names[task.dtype]}
+        )  # type: ignore[assignment]
+    if objects.estimator is not None and not callable(
+        getattr(objects.estimator, "hypergradient", None)
+    ):
+        raise ConfigError(
+            f"estimator={type(objects.estimator).__name__} object has no "
+            "hypergradient(task, schedule)"
+        )
+    validate(cfg)
+    described = objects.described()
+    if not described:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, node in described.items():
+            OmegaConf.update(cfg, key, node, merge=False)
+    return cfg
+
+
 @dataclass
 class Setup:
     task: Task
@@ -163,15 +227,22 @@ class Setup:
     logger: Any
 
 
-def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
-    """Instantiate everything a run needs; raises ConfigError before any training."""
+def build(cfg: DictConfig, *, seed: int | None = None, objects: Objects | None = None) -> Setup:
+    """Instantiate everything a run needs (but ``objects``); raises ConfigError before any
+    training."""
+    objects = objects or Objects()
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    make_task = _instantiate(cfg.task, "task")
-    try:
-        task = make_task(seed=cfg.seed if seed is None else seed, device=device, dtype=dtype)
-    except TypeError as e:
-        raise ConfigError(f"task: {e}") from None
-    estimator = _instantiate(cfg.estimator, "estimator")
+    if objects.task is not None:
+        task = objects.task if seed is None else objects.task.with_seed(seed)
+    else:
+        make_task = _instantiate(cfg.task, "task")
+        try:
+            task = make_task(seed=cfg.seed if seed is None else seed, device=device, dtype=dtype)
+        except TypeError as e:
+            raise ConfigError(f"task: {e}") from None
+    estimator = objects.estimator
+    if estimator is None:
+        estimator = _instantiate(cfg.estimator, "estimator")
     if not callable(getattr(estimator, "hypergradient", None)):
         raise ConfigError(
             f"estimator._target_={cfg.estimator._target_!r} has no hypergradient(task, schedule)"
@@ -190,7 +261,9 @@ def build(cfg: DictConfig, *, seed: int | None = None) -> Setup:
     if callable(getattr(estimator, "check", None)):
         estimator.check(schedule)
     distributed.check(task, estimator, str(getattr(estimator, "name", cfg.estimator._target_)))
-    optimizer = _instantiate(cfg.outer.optimizer, "outer.optimizer")
+    optimizer = objects.outer
+    if optimizer is None:
+        optimizer = _instantiate(cfg.outer.optimizer, "outer.optimizer")
     # In a data-parallel run only rank 0 tracks the run.
     logger = _loggers(cfg.logger) if distributed.is_main() else NullLogger()
     return Setup(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metahpo.core import ConfigError
 from metahpo.schedule import HyperSchedule, per_key
-from metahpo.validation import checked, Decay, Positive
+from metahpo.validation import Decay, Positive, checked
 
 #: A step as a fraction of a key's bounds width (Rprop).
 Width = Annotated[Positive, Le(1)]

@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from metahpo import distributed
-from metahpo.build import Setup, baseline_config, build
-from metahpo.config import check_writable, validate
-from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
+from metahpo.build import Objects, Setup, baseline_config, build, with_objects
+from metahpo.config import check_writable
+from metahpo.core import ConfigError, DivergenceError, Hypergradient, HypergradientEstimator, Task
 from metahpo.device import CostMeter, rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
 from metahpo.inner import fit
@@ -39,14 +40,21 @@ SEED_STRIDE = 1000  # outer.seeds=n averages over seed, seed + 1000, ..., seed +
 CHECKPOINT_VERSION = 3
 
 
-def hypergradient(cfg: DictConfig) -> Hypergradient:
+def hypergradient(
+    cfg: DictConfig | Sequence[str] | None = None,
+    *,
+    task: Task | None = None,
+    estimator: HypergradientEstimator | None = None,
+) -> Hypergradient:
     """The configured estimator's hypergradient at the schedule's initial values.
 
-    Under torchrun, data-parallel over the launched ranks (docs/scaling.md).
+    ``cfg``, ``task`` and ``estimator`` as for :func:`run`. Under torchrun, data-parallel over
+    the launched ranks (docs/scaling.md).
     """
-    validate(cfg)
+    objects = Objects(task=task, estimator=estimator)
+    cfg = with_objects(cfg, objects)
     distributed.join(cfg)
-    setup = build(cfg)
+    setup = build(cfg, objects=objects)
     return setup.estimator.hypergradient(setup.task, setup.schedule)
 
 
@@ -63,8 +71,25 @@ def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
     return {"meta_loss": out["loss"], "val_accuracy": out["accuracy"]}
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig | Sequence[str] | None = None,
+    output_dir: str | Path | None = None,
+    *,
+    task: Task | None = None,
+    estimator: HypergradientEstimator | None = None,
+    outer: Any = None,
+) -> dict[str, Any]:
     """Learn the schedule, retrain with it and with the baseline, return (and write) results.
+
+    ``cfg`` is a config from :func:`metahpo.compose`, or the overrides to compose one from
+    (``["horizon=100", "outer.steps=5"]``; None: the defaults). Objects you already hold go in
+    beside it, object first: ``task`` (any :class:`~metahpo.core.Task`), ``estimator`` (any
+    :class:`~metahpo.core.HypergradientEstimator`) and ``outer`` (an outer optimiser) replace
+    what the config's ``task``, ``estimator`` and ``outer.optimizer`` would build, with the same
+    checkpoints, resume, selection, retraining, logging and outputs. A task object brings its
+    own seed, device and dtype (the config's are set from it); results.json and the checkpoint's
+    fingerprint record each object by its class and ``name``, so resuming with an object of
+    another class is refused in one line.
 
     Writes into ``output_dir`` when given: ``results.json`` (schema in docs/outputs.md),
     ``schedules.png``, ``meta_loss.png``, ``config.yaml`` and ``checkpoint.pt`` (written
@@ -78,7 +103,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         DivergenceError: no schedule the run visited trained to a finite loss; results.json
             still holds the history and the rejected steps.
     """
-    validate(cfg)
+    objects = Objects(task=task, estimator=estimator, outer=outer)
+    cfg = with_objects(cfg, objects)
     distributed.join(cfg)
     if distributed.world_size() > 1:
         cfg, output_dir = _rank_view(cfg, output_dir)
@@ -86,7 +112,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     seed_everything(int(cfg.seed))  # global generators too: a plugin drawing from them repeats
     if out_dir is not None:
         check_writable(out_dir, "hydra.run.dir")
-    setup = build(cfg)
+    setup = build(cfg, objects=objects)
     loop = _OuterLoop(cfg, setup, out_dir)  # checks a checkpoint before anything is written
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.models import Activation, make_activation, positive_ints
-from metahpo.validation import checked, Fraction, NonNegativeInt, PositiveInt
+from metahpo.validation import Fraction, NonNegativeInt, PositiveInt, checked
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:

@@ -15,7 +15,7 @@ from annotated_types import Ge, Gt, Le
 from torch import Tensor, nn
 
 from metahpo.core import ConfigError
-from metahpo.validation import checked, PositiveInt
+from metahpo.validation import PositiveInt, checked
 
 Activation = Literal["relu", "tanh", "gelu", "softplus"]
 

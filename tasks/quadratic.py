@@ -14,7 +14,7 @@ from annotated_types import Ge
 from torch import nn
 
 from metahpo.taskbase import SupervisedTask
-from metahpo.validation import checked, NonNegative, NonNegativeInt, PositiveInt
+from metahpo.validation import NonNegative, NonNegativeInt, PositiveInt, checked
 
 #: Ratio of the largest to the smallest feature scale: 1 (isotropic) or more.
 Condition = Annotated[float, Ge(1)]

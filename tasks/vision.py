@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
-from metahpo.validation import checked, Fraction, NonNegativeInt, PositiveInt
+from metahpo.validation import Fraction, NonNegativeInt, PositiveInt, checked
 
 # (root, train, download) -> (uint8 images [N, C, H, W], int64 labels [N]), through torchvision.
 Reader = Callable[[Path, bool, bool], tuple[Tensor, Tensor]]

@@ -11,9 +11,9 @@ from metahpo.optim import SGD as InnerSGD
 from metahpo.optim import SGD_NAMES as HYPERPARAMETERS
 from metahpo.outer import SGD, Adam, Rprop, SignDescent, clip_by_norm
 from metahpo.schedule import HyperSchedule, HyperSpec, cosine_schedule, per_key
-from metahpo.validation import check_arguments
 from metahpo.tasks.digits import Digits
 from metahpo.tasks.quadratic import Quadratic
+from metahpo.validation import check_arguments
 from tests.conftest import make_schedule, small_digits
 
 

@@ -80,3 +80,16 @@ def test_the_docs_estimator_passes_check_estimator(user_project: Path) -> None:
 
     result = check_estimator(CentralDifferences(eps=1e-5), rtol=1e-5)
     assert result.error_vs_central < 1e-5 and result.error_vs_forward < 1e-5
+
+
+def test_objects_first_example_runs_as_written(tmp_path: Path) -> None:
+    section = DOC.read_text().split("### Objects first", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S)
+    assert code is not None
+    body = code.group(1).replace('"runs/objects"', repr(str(tmp_path / "run")))
+    scope: dict[str, object] = {}
+    exec(compile(body, "extending.md", "exec"), scope)  # noqa: S102
+    out, hg = scope["out"], scope["hg"]
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert len(out["final"]["learned"]["per_seed"]) == 2  # type: ignore[index]
+    assert hg.grads["lr"].shape == (out["learned_schedule"]["lr"]["segments"],)  # type: ignore[attr-defined,index]

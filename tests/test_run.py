@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import metahpo
 from metahpo.estimators.forward import ForwardMode
@@ -130,6 +131,52 @@ def test_resume_rejects_a_different_schedule_shape(tmp_path: Path) -> None:
         metahpo.run(cfg)
     with pytest.raises(metahpo.ConfigError, match="no checkpoint.pt there"):
         metahpo.run(metahpo.compose([*QUICK, f"resume={tmp_path / 'missing'}"]))
+
+
+def test_object_first_run_equals_the_config_run_and_resumes(tmp_path: Path) -> None:
+    """Objects in hand (a task, an estimator, an outer optimiser) give the config run's result,
+    with its checkpoint, resume and outputs; another task class cannot resume it."""
+    from metahpo.outer import Rprop
+    from metahpo.tasks.quadratic import Quadratic
+
+    args = [*QUICK, "outer.steps=3", "seed=3"]
+    by_config = metahpo.run(metahpo.compose(args), tmp_path / "config")
+    # the objects differ from what the config names (seed 0 there; forward mode with chunks)
+    objects = dict(
+        task=Quadratic(seed=3, n_train=64, batch_size=16),
+        estimator=ForwardMode(chunk_size=1),
+        outer=Rprop(),
+    )
+    cfg = [*QUICK, "outer.steps=2"]
+    first = metahpo.run(cfg, tmp_path / "objects", **objects)
+    assert (tmp_path / "objects" / "checkpoint.pt").is_file()
+    saved = OmegaConf.load(tmp_path / "objects" / "config.yaml")
+    assert saved.task._target_ == "metahpo.tasks.quadratic.Quadratic"
+    assert saved.estimator == {
+        "_target_": "metahpo.estimators.forward.ForwardMode",
+        "name": "forward",
+    }
+    assert (first["seed"], first["dtype"]) == (3, "float64")
+    more = metahpo.run([*QUICK, "outer.steps=3"], tmp_path / "objects", **objects)
+    assert len(more["history"]) == len(by_config["history"])
+    assert [h["meta_loss"] for h in more["history"]] == pytest.approx(
+        [h["meta_loss"] for h in by_config["history"]], rel=1e-12
+    )
+    for key, entry in by_config["learned_schedule"].items():
+        assert more["learned_schedule"][key]["values"] == pytest.approx(entry["values"], rel=1e-12)
+    assert more["final"]["learned"]["test_loss"] == pytest.approx(
+        by_config["final"]["learned"]["test_loss"], rel=1e-12
+    )
+
+    class OtherTask(Quadratic):
+        pass
+
+    with pytest.raises(metahpo.ConfigError, match=r"checkpoint was made with task\._target_="):
+        metahpo.run(
+            [*QUICK, "outer.steps=3"], tmp_path / "objects", task=OtherTask(seed=3), outer=Rprop()
+        )
+    with pytest.raises(metahpo.ConfigError, match=r"^estimator=int object has no hypergradient"):
+        metahpo.run(QUICK, estimator=3)  # type: ignore[arg-type]
 
 
 def _cli(args: list[str], cwd: Path, module: bool = True) -> subprocess.CompletedProcess[str]:

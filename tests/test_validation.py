@@ -14,8 +14,8 @@ from metahpo.config import validate
 from metahpo.core import ConfigError
 from metahpo.loggers import NullLogger
 from metahpo.optim import SGD
-from metahpo.validation import Fraction, Positive, PositiveInt
 from metahpo.tasks.digits import Digits
+from metahpo.validation import Fraction, Positive, PositiveInt
 
 HERE = __name__
 
