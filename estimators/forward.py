@@ -359,7 +359,10 @@ def grad_and_hvp(
         if chunk == 1:  # one jvp per column; the gradient comes with the first
             pairs = [jvp(gradf, (st.theta,), (z,)) for z in Z]
             return pairs[0][0], torch.stack([h for _, h in pairs])
-        batched = vmap(lambda z: jvp(gradf, (st.theta,), (z,)), out_dims=(None, 0))
+        # randomness="same": a random layer's one mask for every column (the step's masks)
+        batched = vmap(
+            lambda z: jvp(gradf, (st.theta,), (z,)), out_dims=(None, 0), randomness="same"
+        )
         g, hz = batched(Z[:chunk])
         if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
             rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]

@@ -20,6 +20,26 @@ Buffers = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
 
 
+class StepBatch(tuple):  # type: ignore[type-arg]
+    """A training batch ``(x, y)`` that carries the seed of its step's random layers.
+
+    A task's ``batch(step)`` returns one; its ``train_loss`` and ``next_buffers`` draw dropout
+    masks from a generator seeded with ``seed``, so every evaluation of step ``step`` (the
+    gradient, each Hessian-vector product, a reverse sweep's recomputation) sees the same masks
+    and a run is reproducible. A plain tuple draws from torch's global generator.
+    """
+
+    seed: int
+
+    def __new__(cls, x: Tensor, y: Tensor, seed: int) -> StepBatch:
+        batch = super().__new__(cls, (x, y))
+        batch.seed = int(seed)
+        return batch
+
+    def __reduce__(self) -> Any:
+        return (StepBatch, (self[0], self[1], self.seed))
+
+
 class ConfigError(ValueError):
     """Bad user input, reported in one line that names the key and what is allowed."""
 

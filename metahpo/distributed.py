@@ -31,7 +31,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 
-from metahpo.core import Batch, Buffers, ConfigError, HypergradientEstimator, Task
+from metahpo.core import Batch, Buffers, ConfigError, HypergradientEstimator, StepBatch, Task
 from metahpo.device import resolve_device
 
 T = TypeVar("T")
@@ -185,6 +185,8 @@ def shard(batch: Batch) -> Batch:
         )
     lo, hi = rank() * (n // w), (rank() + 1) * (n // w)
     x, y = batch
+    if isinstance(batch, StepBatch):  # each rank's own masks for its own examples
+        return StepBatch(x[lo:hi], y[lo:hi], batch.seed * 1009 + rank())
     return x[lo:hi], y[lo:hi]
 
 

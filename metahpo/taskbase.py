@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metahpo import distributed
-from metahpo.core import Batch, Buffers, ConfigError, Params
+from metahpo.core import Batch, Buffers, ConfigError, Params, StepBatch
 
 Split = Literal["train", "val", "test"]
 
@@ -49,6 +49,15 @@ def batch_statistics_only(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's generators (CPU, and ``device``'s when CUDA) seeded with ``seed`` in the block,
+    restored after it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class SupervisedTask:
     """A model and train / validation / test tensors, with losses over parameter dicts.
 
@@ -66,6 +75,11 @@ class SupervisedTask:
         augment: optional ``(x, generator) -> x`` applied to every training batch; the
             generator lives on ``device`` and is seeded by (seed, step), so batches are
             deterministic.
+
+    Random layers (dropout): every training batch carries a seed of its own (a
+    :class:`~metahpo.core.StepBatch`, from (seed, step)), and the training loss and the
+    buffers' update draw their masks from it, so every estimator sees the same masks at a
+    step however often it evaluates that step, and the exact estimators agree.
         eval_batch_size: chunk size for validation / test passes.
     """
 
@@ -110,6 +124,9 @@ class SupervisedTask:
             torch.manual_seed(self.seed)
             self.model = make_model().to(device=self.device, dtype=dtype)
         self._perms: dict[int, Tensor] = {}
+        self.random_layers = any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.model.modules()
+        )
 
     # -- seeds ---------------------------------------------------------------------------------
     def with_seed(self, seed: int, *, keep_weights: bool = False) -> SupervisedTask:
@@ -146,7 +163,14 @@ class SupervisedTask:
         if self.augment is not None:
             g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
             xb = self.augment(xb, g)
-        return xb, y[idx]
+        return StepBatch(xb, y[idx], self.seed * 1_000_003 + 7919 * step + 2)
+
+    def _masks(self, batch: Batch) -> AbstractContextManager[object]:
+        """Within the block, random layers draw from ``batch``'s own seed (when it has one)."""
+        seed = getattr(batch, "seed", None)
+        if not self.random_layers or seed is None:
+            return nullcontext()
+        return _seeded(seed, self.device)
 
     # -- losses --------------------------------------------------------------------------------
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -161,7 +185,7 @@ class SupervisedTask:
         """Mean loss on ``batch`` in train mode; pure (batch-norm uses batch statistics only)."""
         self.model.train()
         x, y = batch
-        with batch_statistics_only(self.model):
+        with batch_statistics_only(self.model), self._masks(batch):
             return self._loss(self._forward(params, buffers, x), y)
 
     def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
@@ -170,7 +194,7 @@ class SupervisedTask:
             return buffers
         new = {k: b.detach().clone() for k, b in buffers.items()}
         self.model.train()
-        with torch.no_grad():
+        with torch.no_grad(), self._masks(batch):
             self._forward(params, new, batch[0])  # batch-norm updates ``new`` in place
         return new
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Lt
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
@@ -14,13 +16,19 @@ from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.models import Activation, make_activation, positive_ints
 from metahpo.validation import Fraction, NonNegativeInt, PositiveInt, checked
 
+#: A dropout probability: 0 (none) up to, not including, 1.
+DropoutRate = Annotated[float, Ge(0), Lt(1)]
 
-def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
-    """``Linear -> activation`` for every hidden width, then a linear read-out."""
+
+def mlp(
+    n_in: int, hidden: Sequence[int], n_out: int, activation: str, dropout: float = 0.0
+) -> nn.Sequential:
+    """``Linear -> activation (-> dropout)`` for every hidden width, then a linear read-out."""
     make_activation(activation, key="task.activation")  # fail before building anything
     layers: list[nn.Module] = []
     for width in positive_ints("task.hidden", hidden):
         layers += [nn.Linear(n_in, width), make_activation(activation, "task.activation")]
+        layers += [nn.Dropout(dropout)] if dropout > 0 else []
         n_in = width
     layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
@@ -32,6 +40,8 @@ class Digits(SupervisedTask):
 
     The test split is stratified and fixed by ``split_seed``; the validation split (the meta
     objective) is held out from the rest. ``n_train`` caps the training set (small test configs).
+    ``dropout`` after every hidden layer draws its masks per step from the step's seed
+    (:class:`metahpo.taskbase.SupervisedTask`): runs are reproducible and exact.
     """
 
     def __init__(
@@ -43,6 +53,7 @@ class Digits(SupervisedTask):
         batch_size: PositiveInt = 128,
         hidden: Sequence[PositiveInt] = (128,),
         activation: Activation = "relu",
+        dropout: DropoutRate = 0.0,
         val_fraction: Fraction = 0.2,
         test_fraction: Fraction = 0.2,
         n_train: PositiveInt | None = None,
@@ -71,7 +82,7 @@ class Digits(SupervisedTask):
         super().__init__(
             "digits",
             data,
-            lambda: mlp(64, hidden, 10, activation),
+            lambda: mlp(64, hidden, 10, activation, dropout),
             loss="cross_entropy",
             batch_size=batch_size,
             seed=seed,
