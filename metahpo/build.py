@@ -238,8 +238,17 @@ def build(cfg: DictConfig, *, seed: int | None = None, objects: Objects | None =
         make_task = _instantiate(cfg.task, "task")
         try:
             task = make_task(seed=cfg.seed if seed is None else seed, device=device, dtype=dtype)
+        except ConfigError:
+            raise
         except TypeError as e:
             raise ConfigError(f"task: {e}") from None
+        except (ValueError, RuntimeError, OSError, LookupError) as e:
+            # an error the task did not phrase (a library's words): one line naming the task
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"task._target_={cfg.task._target_!r} could not be built with these task.* "
+                f"settings: {type(e).__name__}: {first}"
+            ) from e
     estimator = objects.estimator
     if estimator is None:
         estimator = _instantiate(cfg.estimator, "estimator")

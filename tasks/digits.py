@@ -12,6 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.models import Activation, make_activation, positive_ints
 from metahpo.validation import Fraction, NonNegativeInt, PositiveInt, checked
@@ -32,6 +33,10 @@ def mlp(
         n_in = width
     layers.append(nn.Linear(n_in, n_out))
     return nn.Sequential(*layers)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @checked("task")
@@ -60,12 +65,18 @@ class Digits(SupervisedTask):
         split_seed: NonNegativeInt = 0,
     ) -> None:
         x, y = load_digits(return_X_y=True)
-        x_rest, x_test, y_rest, y_test = train_test_split(
-            x, y, test_size=test_fraction, random_state=split_seed, stratify=y
-        )
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_rest, y_rest, test_size=val_fraction, random_state=split_seed, stratify=y_rest
-        )
+        try:  # stratified: every split must hold each of the 10 classes
+            x_rest, x_test, y_rest, y_test = train_test_split(
+                x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+            )
+        except ValueError as e:
+            raise ConfigError(f"task.test_fraction={test_fraction}: {_first_line(e)}") from None
+        try:
+            x_train, x_val, y_train, y_val = train_test_split(
+                x_rest, y_rest, test_size=val_fraction, random_state=split_seed, stratify=y_rest
+            )
+        except ValueError as e:
+            raise ConfigError(f"task.val_fraction={val_fraction}: {_first_line(e)}") from None
         if n_train is not None:
             x_train, y_train = x_train[:n_train], y_train[:n_train]
         scaler = StandardScaler().fit(x_train)

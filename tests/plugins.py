@@ -98,3 +98,8 @@ class StepReturnsSchedule(_Outer):
 class ConvergedReturnsTensor(_Outer):
     def converged(self, before: Any, after: Any, state: Any, fraction: float) -> Any:
         return torch.tensor(True)
+
+
+def task_raising_a_library_error(**kwargs: object) -> object:
+    """A user's task whose data library fails in its own words."""
+    raise ValueError("n_samples=3 should be >= n_splits=5\nsecond line of the library's story")
