@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metahpo import distributed
 from metahpo.core import ConfigError, HypergradientEstimator, Task
-from metahpo.device import DTYPES, resolve_device, resolve_dtype
+from metahpo.device import DTYPES, resolve_device, resolve_dtype, set_threads
 from metahpo.inner import resolve_groups
 from metahpo.loggers import LoggerGroup, NullLogger
 from metahpo.optim import SGD, InnerOptimizer
@@ -232,6 +232,7 @@ def build(cfg: DictConfig, *, seed: int | None = None, objects: Objects | None =
     training."""
     objects = objects or Objects()
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    set_threads(cfg.get("threads"))
     if objects.task is not None:
         task = objects.task if seed is None else objects.task.with_seed(seed)
     else:

@@ -250,6 +250,9 @@ class _Config(_Node):
         Allowed("auto, cpu, cuda or cuda:N"),
     ]
     dtype: Literal["float32", "float64"]
+    threads: Annotated[
+        PositiveInt | None, Field(description="torch's CPU threads; null: torch's default")
+    ]
     progress: bool
     resume: str | None
     final: _Final

@@ -37,6 +37,16 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"device={name!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
 
 
+def set_threads(n: int | None) -> None:
+    """torch's intra-op CPU threads: ``n``, or torch's default (one per core) when None.
+
+    On a machine whose cores other jobs share, fewer threads can be much faster (measured in
+    docs/benchmarks.md); float results may differ in the last bits between thread counts.
+    """
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(int(n))
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[str(name)]

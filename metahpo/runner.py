@@ -555,7 +555,7 @@ def _mean_or_none(values: list[Any]) -> float | None:
 #: Keys a resumed run may change (docs/reliability.md): more or fewer outer steps or inner
 #: runs, where it runs and reports, and the final evaluation after the outer loop.
 RESUMABLE = ("outer.steps", "outer.budget", "progress", "resume", "device", "final", "logger")
-RESUMABLE += ("distributed",)
+RESUMABLE += ("distributed", "threads")
 
 
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
