@@ -40,7 +40,7 @@ def _schedule(horizon: int, columns: int) -> HyperSchedule:
 
 
 def _cases(quick: bool) -> dict[str, Callable[[], Any]]:
-    horizon = 20 if quick else 100
+    horizon = 5 if quick else 100
     digits = Digits()
     lenet = _synthetic("lenet", (1, 28, 28), lambda: LeNet(1, 28, 10), 64, torch.device("cpu"))
     out: dict[str, Callable[[], Any]] = {}
@@ -58,13 +58,17 @@ def _cases(quick: bool) -> dict[str, Callable[[], Any]]:
 def measure(threads: list[int], repeats: int, quick: bool) -> dict[str, Any]:
     cases = _cases(quick)
     seconds: dict[str, dict[int, list[float]]] = {k: {n: [] for n in threads} for k in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
-            for n in threads:  # interleaved: every count sees the same load
-                torch.set_num_threads(n)
-                start = time.perf_counter()
-                case()
-                seconds[name][n].append(time.perf_counter() - start)
+    before = torch.get_num_threads()
+    try:
+        for _ in range(repeats):
+            for name, case in cases.items():
+                for n in threads:  # interleaved: every count sees the same load
+                    torch.set_num_threads(n)
+                    start = time.perf_counter()
+                    case()
+                    seconds[name][n].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
     rows = []
     for name, per in seconds.items():
         base = statistics.median(per[threads[0]])
@@ -102,11 +106,11 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="T = 20, for a smoke test")
+    p.add_argument("--quick", action="store_true", help="T = 5, for a smoke test")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     result = measure(args.threads, args.repeats, args.quick)
@@ -115,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=1))
     print(f"load average {result['load_average']}, {result['cpus']} CPUs")
     print(table(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

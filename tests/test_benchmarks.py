@@ -116,3 +116,18 @@ def test_optimizer_step_benchmark_runs_every_path() -> None:
         paths += ["specialised", "update_specialised"] if r["optimizer"] == "sgd" else []
         assert all(r[p] > 0 for p in paths), r
         assert ("specialised" in r) == (r["optimizer"] == "sgd")
+
+
+def test_threads_benchmark_times_every_count_and_restores_torchs() -> None:
+    """``python -m benchmarks.threads --quick``: each case at each thread count, interleaved."""
+    import torch
+
+    from benchmarks import threads
+
+    before = torch.get_num_threads()
+    out = threads.main(["--quick", "--repeats", "1", "--threads", "1", "2"])
+    assert torch.get_num_threads() == before
+    cases = {r["case"] for r in out["rows"]}
+    assert len(cases) == 6 and len(out["rows"]) == 12
+    assert all(r["min_s"] > 0 for r in out["rows"])
+    assert all(r["ratio_to_first"] == 1.0 for r in out["rows"] if r["threads"] == 1)
