@@ -87,6 +87,63 @@ def check_fits(horizon: int, n_keys: int, itemsize: int, device: torch.device) -
         )
 
 
+def relative_cost(estimator: Any, schedule: HyperSchedule) -> tuple[float, str]:
+    """Seconds per inner step of ``estimator``'s hypergradient in plain training steps, by the
+    same model :func:`choose` uses, and the estimator it was modelled as (an unknown
+    estimator is modelled as exact reverse)."""
+    name = str(getattr(estimator, "name", type(estimator).__name__))
+    T = schedule.horizon
+    forward = sum(1 + FORWARD_PER_COLUMN * c for c in started_columns(schedule)) / T
+    if name == "forward":
+        return forward, name
+    if name == "auto":
+        return min(forward, REVERSE), name
+    if name == "checkpointed_reverse":
+        return REVERSE + RECOMPUTE, name
+    known = ("exact_reverse", "truncated_reverse", "greedy", "reversible")
+    return REVERSE, name if name in known else "exact reverse (assumed)"
+
+
+def plain_step_seconds(task: Task, schedule: HyperSchedule, steps: int = 3) -> float:
+    """Seconds of one plain training step of ``task``, timed over ``steps`` steps after a
+    warm-up step (a probe of a few steps, nothing kept)."""
+    import time
+
+    from metahpo.device import synchronize
+    from metahpo.inner import train
+
+    flat = FlatTask(task)
+    table = Steps(flat, schedule)
+    n = min(steps + 1, schedule.horizon)
+    state = train(flat, table, table.init_state(flat), 1)
+    synchronize(task.device)
+    start = time.perf_counter()
+    train(flat, table, state, n)
+    synchronize(task.device)
+    return (time.perf_counter() - start) / max(n - 1, 1)
+
+
+def estimate_seconds(
+    task: Task,
+    schedule: HyperSchedule,
+    estimator: Any,
+    outer_runs: int,
+    final_runs: int,
+) -> tuple[float, str]:
+    """Wall-time estimate of a run before it starts, and how it was made: a probe of a plain
+    step (:func:`plain_step_seconds`) times :func:`relative_cost` times the horizon for each of
+    ``outer_runs`` hypergradients, plus ``final_runs`` plain retrainings."""
+    plain = plain_step_seconds(task, schedule)
+    cost, modelled = relative_cost(estimator, schedule)
+    T = schedule.horizon
+    seconds = plain * T * (cost * outer_runs + final_runs)
+    how = (
+        f"a plain inner step {plain * 1e3:.3g} ms x {T} steps x ({outer_runs} estimates at "
+        f"~{cost:.1f} plain steps per step for {modelled} + {final_runs} plain retrainings)"
+    )
+    return seconds, how
+
+
 def choose(
     horizon: int,
     columns: list[int],

@@ -113,6 +113,8 @@ def run(
     if out_dir is not None:
         check_writable(out_dir, "hydra.run.dir")
     setup = build(cfg, objects=objects)
+    if str(cfg.device) == "auto" and setup.task.device.type == "cpu":
+        log.warning("%s", _cpu_fallback(cfg, setup))
     loop = _OuterLoop(cfg, setup, out_dir)  # checks a checkpoint before anything is written
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,31 @@ def run(
     finally:
         setup.logger.finish(results, files, failed=failed)
     return results
+
+
+def _cpu_fallback(cfg: DictConfig, setup: Setup) -> str:
+    """The line ``device=auto`` prints when it finds no CUDA device: the run's estimated time on
+    the CPU (estimators/auto.py's cost model and a probe of a few plain steps)."""
+    from metahpo.estimators.auto import estimate_seconds
+
+    budget = cfg.outer.budget
+    outer_runs = (int(cfg.outer.steps) + 1) * int(cfg.outer.seeds)
+    outer_runs = min(outer_runs, int(budget)) if budget is not None else outer_runs
+    final_runs = 2 * len(cfg.final.seeds)
+    seconds, how = estimate_seconds(
+        setup.task, setup.schedule, setup.estimator, outer_runs, final_runs
+    )
+    return (
+        f"device=auto found no CUDA device: running on the CPU, estimated "
+        f"{_duration(seconds)} ({how}); set device=cpu to run here without this line"
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _rank_view(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig, Path | None]:

@@ -270,3 +270,23 @@ def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(tmp_path: Path) -
     assert errors[-1].startswith("metahpo: error: 1 sweep job(s) failed")
     assert not (tmp_path / "sweep" / "0" / "results.json").exists()
     assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["outer_steps"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_auto_on_a_cpu_says_so_with_the_estimated_time(tmp_path: Path, caplog) -> None:
+    import logging
+    import re
+
+    with caplog.at_level(logging.WARNING, logger="metahpo"):
+        metahpo.run([*QUICK, "device=auto"], tmp_path / "auto")
+    lines = [r.getMessage() for r in caplog.records if "device=auto" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    found = re.search(
+        r"estimated ([\d.]+) (s|min|h|days) \(a plain inner step ([\d.e+-]+) ms", lines[0]
+    )
+    assert found and float(found.group(3)) > 0, lines[0]
+    assert "x 20 steps x (3 estimates at ~" in lines[0]  # smoke: 2 outer steps + the last score
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metahpo"):
+        metahpo.run([*QUICK, "device=cpu"], tmp_path / "cpu")
+    assert not [r for r in caplog.records if "device=auto" in r.getMessage()]
