@@ -52,11 +52,13 @@ class Choice:
 
 
 def started_columns(schedule: HyperSchedule) -> list[int]:
-    """Per inner step, the learned segments that have started (forward mode's active columns)."""
-    active = torch.zeros(schedule.horizon, dtype=torch.long)
+    """Per inner step, the learned raw values whose support has started (forward mode's active
+    columns)."""
+    active = torch.zeros(schedule.horizon + 1, dtype=torch.long)
     for key in schedule.learned:
-        active += schedule.segment_index(key).to(torch.long).cpu() + 1
-    return [int(a) for a in active]
+        for first in schedule.segment_starts(key):
+            active[first] += 1
+    return [int(a) for a in active.cumsum(0)[:-1]]
 
 
 def available_bytes(device: torch.device) -> int:

@@ -15,6 +15,7 @@ from metahpo.core import Batch, Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
+from metahpo.parameterisation import Constant
 from metahpo.schedule import HyperSchedule
 from metahpo.validation import Positive, PositiveInt, checked
 
@@ -30,19 +31,24 @@ warnings.filterwarnings(
 
 
 class Columns:
-    """The tangent columns of a schedule: one per learned shared value.
+    """The tangent columns of a schedule: one per learned raw value.
 
-    Columns are ordered by the step their segment starts, so the columns started by step ``t``
-    are the prefix ``[:n_active(t)]`` (a column is exactly zero before its segment starts).
-    Everything here is O(C) for C columns, nothing O(T): forward mode's memory must not grow
-    with the horizon.
+    Columns are ordered by the first step their raw value can influence
+    (:meth:`HyperSchedule.supports`), so the columns started by step ``t`` are the prefix
+    ``[:n_active(t)]`` (a column is exactly zero before its support starts). Everything here is
+    O(C) for C columns, nothing O(T): forward mode's memory must not grow with the horizon.
 
     Attributes:
-        keys: ``(type, segment)`` of every column.
-        starts: the step each column's segment starts (ascending).
+        keys: ``(type, raw index)`` of every column.
+        starts: the step each column's support starts (ascending).
     """
 
-    def __init__(self, schedule: HyperSchedule) -> None:
+    def __init__(
+        self,
+        schedule: HyperSchedule,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         cols = sorted(
             (s, name, k)
             for name in schedule.learned
@@ -52,6 +58,7 @@ class Columns:
         self.keys = [(name, k) for _, name, k in cols]
         self.starts = [s for s, _, _ in cols]
         self._index = {key: i for i, key in enumerate(self.keys)}
+        self._onehot = torch.eye(len(cols), device=device, dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -60,14 +67,32 @@ class Columns:
         """How many columns have started by ``step``."""
         return bisect.bisect_right(self.starts, step)
 
-    def in_force(self, name: str, step: int) -> int | None:
-        """The column of ``name``'s segment in force at ``step`` (None: ``name`` is fixed)."""
+    def derivative(self, name: str, step: int) -> list[tuple[int, float]]:
+        """``[(column, d value_step / d column)]`` of key ``name`` (empty when it is fixed)."""
         if name not in self.schedule.learned:
-            return None
-        return self._index[name, self.schedule.segment_at(name, step)]
+            return []
+        param, raw = self.schedule.param(name), self.schedule.values[name]
+        pairs = param.derivative(raw, step, self.schedule.horizon)
+        return [(self._index[name, k], d) for k, d in pairs if d != 0.0]
+
+    def in_force(self, name: str, step: int) -> int | None:
+        """The column of ``name``'s segment in force at ``step`` (None: ``name`` is fixed);
+        for piecewise-constant keys, whose step depends on one raw value."""
+        pairs = self.derivative(name, step)
+        return pairs[0][0] if pairs else None
+
+    def tangent(self, name: str, step: int, a: int) -> Tensor:
+        """``[a]``: d value_step / d column of key ``name`` for the ``a`` started columns."""
+        pairs = self.derivative(name, step)
+        if len(pairs) == 1 and pairs[0][1] == 1.0:  # a segment's own value: a one-hot row
+            return self._onehot[:a, pairs[0][0]]
+        out = torch.zeros(a, dtype=torch.float64)
+        for i, d in pairs:
+            out[i] = d
+        return out.to(self._onehot)
 
     def grads(self, per_column: Tensor) -> dict[str, Tensor]:
-        """Per-column values as ``{type: float64 CPU [n_segments]}`` (zeros for fixed types)."""
+        """Per-column values as ``{type: float64 CPU [n raw values]}`` (zeros for fixed types)."""
         out = {
             name: torch.zeros(self.schedule.specs[name].n_segments, dtype=torch.float64)
             for name in self.schedule.values
@@ -164,12 +189,11 @@ class ForwardMode:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
         steps = Steps(flat, schedule)
-        cols = Columns(schedule)
+        cols = Columns(schedule, dev, dt)
 
         state = steps.init_state(flat)
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
         S = tuple(torch.zeros_like(Z) for _ in state.opt_state)  # tangents of the state
-        onehot = torch.eye(len(cols), device=dev, dtype=dt)
         learned = [k for k in schedule.keys if k in schedule.learned]
         key = _key(flat)
         if self.hvp == "auto" and key not in self._measured and len(cols):
@@ -195,10 +219,10 @@ class ForwardMode:
             if a == 0:
                 return steps.step(t, st.theta, st.opt_state, g, steps.values(t))
             if fast:
-                in_force = {k: cols.in_force(k, t) for k in learned}
+                in_force = {k: cols.derivative(k, t)[0][0] for k in learned}
                 return sgd_propagate(steps, t, st, g, Z[:a], S[0][:a], hz[0], in_force)
-            # d h_t / d column: 1 for the column of each key's segment in force, else 0
-            dvalues = {k: onehot[:a, cols.in_force(k, t)] for k in learned}
+            # d h_t / d column (for a segment: 1 in the column of the segment in force, else 0)
+            dvalues = {k: cols.tangent(k, t, a) for k in learned}
             return propagate(steps, t, st, g, Z[:a], tuple(s[:a] for s in S), hz[0], dvalues)
 
         state = train(flat, steps, state, schedule.horizon, grad_fn=grad_fn, step_fn=step_fn)
@@ -295,9 +319,10 @@ def propagate(
 
 def sgd_fast_path_applies(schedule: HyperSchedule) -> bool:
     """The hand-written SGD recurrence covers plain :class:`metahpo.optim.SGD` (not a subclass,
-    no Nesterov) without per-group values."""
+    no Nesterov) without per-group values, every learned key piecewise constant."""
     opt = schedule.optimizer
-    return type(opt) is SGD and not opt.nesterov and not schedule.groups
+    constant = all(type(schedule.param(k)) is Constant for k in schedule.learned)
+    return type(opt) is SGD and not opt.nesterov and not schedule.groups and constant
 
 
 def sgd_propagate(

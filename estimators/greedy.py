@@ -12,7 +12,7 @@ from metahpo.core import Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
-from metahpo.schedule import HyperSchedule, per_key
+from metahpo.schedule import HyperSchedule, raw_steps
 from metahpo.validation import Positive, PositiveInt, checked
 
 Update = Literal["sign", "gradient"]
@@ -80,8 +80,10 @@ class Greedy:
         check_window("W", self.W, schedule.horizon)
         self._sizes(schedule)
 
-    def _sizes(self, schedule: HyperSchedule) -> dict[str, float]:
-        return per_key("estimator.step_size", self.step_size, schedule, STEP_FRACTION)
+    def _sizes(self, schedule: HyperSchedule) -> dict[str, Tensor]:
+        """Steps on the raw values (a gradient step's learning rate scales twice)."""
+        power = 1 if self.update == "sign" else 2
+        return raw_steps("estimator.step_size", self.step_size, schedule, STEP_FRACTION, power)
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)

@@ -277,9 +277,7 @@ class Reversible:
             )
         grads = {name: torch.zeros_like(v) for name, v in schedule.values.items()}
         for k in learned:
-            grads[k] = torch.zeros_like(schedule.values[k]).index_add_(
-                0, schedule.segment_index(k), per_step[k]
-            )
+            grads[k] = schedule.pullback(k, per_step[k])
         final = InnerState(self._f(ints["W"], dt), (), {}, T)
         metrics: dict[str, Any] = {
             "val_accuracy": flat.evaluate(final, "val")["accuracy"],

@@ -21,6 +21,7 @@ from metahpo.device import DTYPES, resolve_device, resolve_dtype, set_threads
 from metahpo.inner import resolve_groups
 from metahpo.loggers import LoggerGroup, NullLogger
 from metahpo.optim import SGD, InnerOptimizer
+from metahpo.parameterisation import make_parameterisation
 from metahpo.schedule import (
     HyperSchedule,
     HyperSpec,
@@ -68,7 +69,7 @@ def optimizer_from_config(cfg: DictConfig) -> InnerOptimizer:
 def _entries(name: str, c: DictConfig, optimizer: InnerOptimizer) -> dict[str, DictConfig]:
     """``schedule.<name>`` as ``{key: settings}``: one key, or one per group."""
     groups = c.get("groups")
-    base = {k: c.get(k) for k in ("segments", "init", "bounds", "learn")}
+    base = {k: c.get(k) for k in ("segments", "init", "bounds", "learn", "param")}
     if base["bounds"] is None:
         base["bounds"] = list(optimizer.hyperparameters[name].bounds)
     if base["init"] is None:
@@ -106,10 +107,13 @@ def schedule_from_config(
     for name, entry in cfg.items():
         for key, c in _entries(str(name), entry, optimizer).items():
             lo, hi = float(c.bounds[0]), float(c.bounds[1])
-            specs[key] = HyperSpec(int(c.segments), (lo, hi), bool(c.learn))
+            p = c.get("param")
+            p = OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p
+            param = make_parameterisation(f"schedule.{key}", p, int(c.segments))
+            specs[key] = HyperSpec(param.size, (lo, hi), bool(c.learn), param)
             init = c.init
-            values[key] = (
-                [float(v) for v in init] if not isinstance(init, int | float) else float(init)
+            values[key] = param.to_raw(
+                [float(v) for v in init] if not isinstance(init, int | float) else [float(init)]
             )
     return HyperSchedule(horizon, specs, values, optimizer, group_patterns(cfg))
 

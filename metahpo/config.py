@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from metahpo.core import ConfigError
 from metahpo.optim import InnerOptimizer
+from metahpo.parameterisation import make_parameterisation
 from metahpo.validation import (
     Allowed,
     NonNegative,
@@ -281,6 +282,11 @@ def check_writable(path: str | Path, key: str) -> None:
         ) from None
 
 
+def _plain(v: Any) -> Any:
+    """An OmegaConf node as plain Python values (anything else unchanged)."""
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig | ListConfig) else v
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -368,7 +374,7 @@ def optimizer_class(cfg: DictConfig) -> type[InnerOptimizer]:
     return cls
 
 
-SCHEDULE_ENTRY = ("segments", "init", "bounds", "learn", "groups")
+SCHEDULE_ENTRY = ("segments", "init", "bounds", "learn", "param", "groups")
 
 
 def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptimizer]) -> None:
@@ -405,11 +411,11 @@ def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptim
                 raise ConfigError(f"{gkey}: a group name cannot contain '/' or '.'")
             own = g if isinstance(g, DictConfig) else {}
             if isinstance(g, DictConfig):
-                extra = [k for k in g if k not in ("params", *SCHEDULE_ENTRY[:4])]
+                extra = [k for k in g if k not in ("params", *SCHEDULE_ENTRY[:5])]
                 if extra:
                     raise ConfigError(
                         f"{gkey}.{extra[0]} is not a key metahpo reads; keys under {gkey}: "
-                        "params, segments, init, bounds, learn"
+                        "params, segments, init, bounds, learn, param"
                     )
                 g = g.get("params")
             if not (
@@ -465,15 +471,21 @@ def _validate_entry(
             raise ConfigError(f"{b_key}=[{lo}, {hi}] has min > max")
         for b in (lo, hi):
             optimizer.check_value(b_key, name, b, shown=[lo, hi])
+    p_key, p = get("param")
+    param = make_parameterisation(p_key.rpartition(".")[0], _plain(p), n)
     i_key, init = get("init")
     if init is None:
         init = spec.default
     values = list(init) if isinstance(init, ListConfig) else [init]
-    if not all(_is_number(v) for v in values) or len(values) not in (1, n):
-        raise ConfigError(f"{i_key}={_shown(init)} must be a number or a list of {n} numbers")
-    for v in values:
+    if not all(_is_number(v) for v in values) or len(values) not in (1, param.size):
+        raise ConfigError(
+            f"{i_key}={_shown(init)} must be a number or a list of {param.size} numbers"
+        )
+    param.check(i_key.rpartition(".")[0], horizon, (lo, hi), [float(v) for v in values])
+    for v in param.hyperparameter_values([float(v) for v in values]):
         optimizer.check_value(i_key, name, v)
-    if any(not lo <= v <= hi for v in values):
+    raw, (rlo, rhi) = param.to_raw(values), param.raw_bounds((lo, hi))
+    if not bool(((rlo <= raw) & (raw <= rhi)).all()):
         raise ConfigError(f"{i_key}={values} lies outside {b_key}=[{lo}, {hi}]")
     l_key, learn = get("learn")
     if not isinstance(learn, bool):

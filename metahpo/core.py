@@ -21,23 +21,46 @@ Batch = tuple[Tensor, Tensor]
 
 
 class StepBatch(tuple):  # type: ignore[type-arg]
-    """A training batch ``(x, y)`` that carries the seed of its step's random layers.
+    """A training batch ``(x, y)`` that carries its step's seed and loss hyperparameters.
 
     A task's ``batch(step)`` returns one; its ``train_loss`` and ``next_buffers`` draw dropout
     masks from a generator seeded with ``seed``, so every evaluation of step ``step`` (the
     gradient, each Hessian-vector product, a reverse sweep's recomputation) sees the same masks
-    and a run is reproducible. A plain tuple draws from torch's global generator.
+    and a run is reproducible. A plain tuple (or ``seed=None``) draws from torch's global
+    generator.
+
+    ``hyper`` holds the values at this step of the hyperparameters of the training loss that
+    the schedule names (``{name: 0-d tensor}``, or ``{name: {parameter name: 0-d tensor}}`` for
+    one learned per group of parameters); the inner loop fills it (:func:`with_hyper`), possibly
+    with tensors that carry a graph (reverse mode) or are differentiated (forward mode). A
+    task's ``train_loss`` reads it; names it lacks take the task's defaults.
     """
 
-    seed: int
+    seed: int | None
+    hyper: dict[str, Any]
 
-    def __new__(cls, x: Tensor, y: Tensor, seed: int) -> StepBatch:
+    def __new__(
+        cls, x: Tensor, y: Tensor, seed: int | None, hyper: dict[str, Any] | None = None
+    ) -> StepBatch:
         batch = super().__new__(cls, (x, y))
-        batch.seed = int(seed)
+        batch.seed = None if seed is None else int(seed)
+        batch.hyper = dict(hyper or {})
         return batch
 
     def __reduce__(self) -> Any:
-        return (StepBatch, (self[0], self[1], self.seed))
+        return (StepBatch, (self[0], self[1], self.seed, self.hyper))
+
+
+def with_hyper(batch: Batch, hyper: dict[str, Any]) -> Batch:
+    """``batch`` carrying ``hyper`` (its seed kept; unchanged when ``hyper`` is empty)."""
+    if not hyper:
+        return batch
+    return StepBatch(batch[0], batch[1], getattr(batch, "seed", None), hyper)
+
+
+def loss_hyper(batch: Batch) -> dict[str, Any]:
+    """The loss hyperparameters ``batch`` carries (``{}`` for a plain tuple)."""
+    return getattr(batch, "hyper", None) or {}
 
 
 class ConfigError(ValueError):
@@ -76,7 +99,10 @@ class Task(Protocol):
         ...
 
     def train_loss(self, params: Params, buffers: Buffers, batch: Batch) -> Tensor:
-        """Mean training loss on ``batch``; pure: never mutates ``buffers``."""
+        """Mean training loss on ``batch``; pure: never mutates ``buffers``. A task with
+        hyperparameters of its loss declares them in a class attribute
+        ``loss_hyperparameters: {name: metahpo.optim.Hyperparameter}`` and reads their values
+        at this step from :func:`loss_hyper` ``(batch)``."""
         ...
 
     def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:

@@ -186,7 +186,8 @@ def shard(batch: Batch) -> Batch:
     lo, hi = rank() * (n // w), (rank() + 1) * (n // w)
     x, y = batch
     if isinstance(batch, StepBatch):  # each rank's own masks for its own examples
-        return StepBatch(x[lo:hi], y[lo:hi], batch.seed * 1009 + rank())
+        seed = None if batch.seed is None else batch.seed * 1009 + rank()
+        return StepBatch(x[lo:hi], y[lo:hi], seed, batch.hyper)
     return x[lo:hi], y[lo:hi]
 
 

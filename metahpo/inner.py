@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from metahpo import distributed
-from metahpo.core import Batch, Buffers, ConfigError, DivergenceError, Params, Task
+from metahpo.core import Batch, Buffers, ConfigError, DivergenceError, Params, Task, with_hyper
 from metahpo.optim import InnerOptimizer, State
 from metahpo.schedule import HyperSchedule, split_key
 
@@ -195,6 +196,15 @@ class Steps:
             for name, h in self.optimizer.hyperparameters.items()
             if name not in named
         }
+        # hyperparameters of the training loss: per name, its key or (groups) each parameter's
+        self.loss_keys = schedule.loss_keys
+        self._loss_groups: dict[str, dict[str, str]] = {}
+        starts = [sum(flat.numels[:i]) for i in range(len(flat.names))]
+        for name, (keys, idx) in self._groups.items():
+            if name in schedule.loss:
+                self._loss_groups[name] = {
+                    p: keys[int(idx[s])] for p, s in zip(flat.names, starts, strict=True)
+                }
 
     def values(self, t: int) -> dict[str, Tensor]:
         """``{key: 0-d tensor}``: every key's value at step ``t``."""
@@ -205,11 +215,25 @@ class Steps:
         h = dict(self._defaults)
         for k, v in values.items():
             name, group = split_key(k)
-            if group is None:
+            if group is None and k not in self.loss_keys:
                 h[name] = v
         for name, (keys, idx) in self._groups.items():
-            h[name] = torch.stack([values[k] for k in keys])[idx]
+            if name not in self._loss_groups:
+                h[name] = torch.stack([values[k] for k in keys])[idx]
         return h
+
+    def attach(self, t: int, batch: Batch, values: dict[str, Tensor] | None = None) -> Batch:
+        """``batch`` carrying the values at step ``t`` of the training loss's hyperparameters
+        (:attr:`metahpo.core.StepBatch.hyper`); ``values`` replaces some of them (forward
+        mode differentiates the loss in them). Unchanged when the schedule names none."""
+        if not self.loss_keys:
+            return batch
+        v = {k: self.table[k][t] for k in self.loss_keys}
+        v.update(values or {})
+        hyper: dict[str, Any] = {k: v[k] for k in self.loss_keys if split_key(k)[1] is None}
+        for name, owner in self._loss_groups.items():
+            hyper[name] = {p: v[key] for p, key in owner.items()}
+        return with_hyper(batch, hyper)
 
     def step(
         self, t: int, theta: Tensor, opt_state: State, grad: Tensor, values: dict[str, Tensor]
@@ -301,7 +325,7 @@ def train(
         quiet = None if distributed.is_main() else True
         todo = tqdm(todo, desc="inner steps", unit="step", leave=False, disable=quiet)
     for t in todo:
-        batch = flat.batch(t)
+        batch = steps.attach(t, flat.batch(t))
         g = grad_fn(t, state, batch)
         theta, opt_state = step_fn(t, state, g)
         buffers = flat.next_buffers(state.theta, state.buffers, batch)

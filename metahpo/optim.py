@@ -53,6 +53,13 @@ class Hyperparameter:
         above = v > self.low if self.low_open else v >= self.low
         return above and (v < self.high if self.high_open else v <= self.high)
 
+    def check(self, key: str, what: str, value: float, shown: object = None) -> None:
+        """Raise ConfigError ``{key}={shown}: {what} must be {domain}`` unless ``value`` is
+        allowed (``shown`` defaults to ``value``)."""
+        if not self.allows(value):
+            shown = value if shown is None else shown
+            raise ConfigError(f"{key}={shown!r}: {what} must be {self.domain()}")
+
     def domain(self) -> str:
         lo = "" if self.low == -math.inf else f"{'>' if self.low_open else '>='} {self.low:g}"
         hi = "" if self.high == math.inf else f"{'<' if self.high_open else '<='} {self.high:g}"
@@ -80,10 +87,7 @@ class InnerOptimizer:
     def check_value(cls, key: str, name: str, value: float, shown: object = None) -> None:
         """Raise ConfigError naming ``key`` (set to ``shown``, default ``value``) unless
         ``value`` is allowed for ``name``."""
-        spec = cls.hyperparameters[name]
-        if not spec.allows(value):
-            shown = value if shown is None else shown
-            raise ConfigError(f"{key}={shown!r}: {cls.name}'s {name} must be {spec.domain()}")
+        cls.hyperparameters[name].check(key, f"{cls.name}'s {name}", value, shown)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

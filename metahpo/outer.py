@@ -12,7 +12,6 @@ learning rates) are read with :func:`metahpo.schedule.per_key`: by key, by hyper
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
@@ -21,7 +20,7 @@ from annotated_types import Ge, Le
 from torch import Tensor
 
 from metahpo.core import ConfigError
-from metahpo.schedule import HyperSchedule, per_key
+from metahpo.schedule import HyperSchedule, per_key, raw_steps
 from metahpo.validation import Decay, Positive, checked
 
 #: A step as a fraction of a key's bounds width (Rprop).
@@ -78,9 +77,9 @@ class SignDescent:
         self.halve_on_flip = halve_on_flip
 
     def init(self, schedule: HyperSchedule) -> State:
-        sizes = per_key("outer.optimizer.step_size", self.step_size, schedule, STEP_FRACTION)
+        sizes = raw_steps("outer.optimizer.step_size", self.step_size, schedule, STEP_FRACTION)
         return {
-            "step": {n: torch.full_like(schedule.values[n], sizes[n]) for n in schedule.learned},
+            "step": {n: torch.ones_like(schedule.values[n]) * sizes[n] for n in schedule.learned},
             "sign": {n: torch.zeros_like(schedule.values[n]) for n in schedule.learned},
         }
 
@@ -145,7 +144,7 @@ class Adam(_ScaledStep):
         t = state["t"] + 1
         m = {n: b1 * state["m"][n] + (1 - b1) * grads[n] for n in schedule.learned}
         v = {n: b2 * state["v"][n] + (1 - b2) * grads[n] ** 2 for n in schedule.learned}
-        new_values, lr = {}, per_key("outer.optimizer.lr", self.lr, schedule, STEP_FRACTION)
+        new_values, lr = {}, raw_steps("outer.optimizer.lr", self.lr, schedule, STEP_FRACTION)
         for n in schedule.learned:
             m_hat, v_hat = m[n] / (1 - b1**t), v[n] / (1 - b2**t)
             update = state["scale"] * lr[n] * m_hat / (v_hat.sqrt() + self.eps)
@@ -167,7 +166,7 @@ class SGD(_ScaledStep):
     def step(
         self, schedule: HyperSchedule, grads: Mapping[str, Tensor], state: State
     ) -> tuple[HyperSchedule, State]:
-        lr = per_key("outer.optimizer.lr", self.lr, schedule)
+        lr = raw_steps("outer.optimizer.lr", self.lr, schedule, power=2)
         new = {n: schedule.values[n] - state["scale"] * lr[n] * grads[n] for n in schedule.learned}
         return schedule.replace(new).project(), state
 
@@ -208,14 +207,17 @@ class Rprop:
         self.max_step, self.min_step = float(max_step), float(min_step)
 
     @staticmethod
-    def _width(schedule: HyperSchedule, name: str) -> float:
-        lo, hi = schedule.specs[name].bounds
-        if not math.isfinite(hi - lo) or hi <= lo:
+    def _width(schedule: HyperSchedule, name: str) -> Tensor:
+        """Width of every raw value's bounds (the hyperparameter's, in raw units)."""
+        rlo, rhi = schedule.raw_bounds(name)
+        width = rhi - rlo
+        if not bool(torch.isfinite(width).all() and (width > 0).all()):
+            lo, hi = schedule.specs[name].bounds
             raise ConfigError(
                 f"outer.optimizer.step: Rprop steps are fractions of each key's bounds, but "
                 f"schedule.{name}.bounds=[{lo}, {hi}] has no finite width; give finite bounds"
             )
-        return hi - lo
+        return width
 
     def init(self, schedule: HyperSchedule) -> State:
         fractions = (
@@ -225,7 +227,7 @@ class Rprop:
         )
         step = {}
         for n in schedule.learned:
-            step[n] = torch.full_like(schedule.values[n], fractions[n] * self._width(schedule, n))
+            step[n] = fractions[n] * self._width(schedule, n)
         return {"step": step, "sign": {n: torch.zeros_like(step[n]) for n in step}}
 
     def step(
@@ -235,7 +237,7 @@ class Rprop:
             width = self._width(schedule, name)
             step = torch.where(agree > 0, step * self.grow, step)
             step = torch.where(agree < 0, step * self.shrink, step)
-            return step.clamp(self.min_step * width, self.max_step * width)
+            return torch.minimum(torch.maximum(step, self.min_step * width), self.max_step * width)
 
         return sign_step(schedule, grads, state, resize)
 

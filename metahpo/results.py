@@ -124,21 +124,20 @@ def baseline_schedule(results: dict[str, Any]) -> HyperSchedule:
 
 
 def schedule_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """The learned schedule as a table: one row per segment, with its inner steps and the
-    initial value it started from."""
+    """The learned schedule as a table: one row per raw value (a segment, a knot, a family's
+    parameter), with the inner steps it influences and the raw value it started from."""
     columns = ["key", "segment", "first_step", "last_step", "initial", "learned", "learn"]
     learned = learned_schedule(results)
     initial = HyperSchedule.from_dict(results["horizon"], results["initial_schedule"])
     rows = []
     for name, values in learned.values.items():
-        starts = [*learned.segment_starts(name), learned.horizon]
+        supports = learned.supports(name)
         for i, value in enumerate(values.tolist()):
             rows.append(
                 [
                     name,
                     i,
-                    starts[i],
-                    starts[i + 1] - 1,
+                    *supports[i],
                     float(initial.values[name][i]),
                     value,
                     learned.specs[name].learn,

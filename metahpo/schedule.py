@@ -1,9 +1,11 @@
-"""Piecewise-constant hyperparameter schedules with contiguous sharing.
+"""Hyperparameter schedules: learnable raw values per key, and their value at every step.
 
-Each key (a hyperparameter of the inner optimiser, or one group's value of it) has ``n``
-values over a horizon of ``T`` inner steps; step ``t`` uses value ``floor(n * t / T)``. The
-gradient with respect to a shared value is the sum of the per-step hypergradients over its
-block of steps.
+Each key (a hyperparameter of the inner optimiser or of the task's training loss, or one
+group's value of it) has a :class:`~metahpo.parameterisation.Parameterisation` of its own: by
+default piecewise constant, ``n`` values over a horizon of ``T`` inner steps, step ``t`` using
+value ``floor(n * t / T)`` (contiguous sharing); the gradient with respect to a shared value is
+the sum of the per-step hypergradients over its block of steps. Log space, piecewise linear and
+a warm-up + cosine family are built in (:mod:`metahpo.parameterisation`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from metahpo.core import ConfigError
-from metahpo.optim import SGD, InnerOptimizer, Recorded
+from metahpo.optim import SGD, Hyperparameter, InnerOptimizer, Recorded
+from metahpo.parameterisation import Constant, Parameterisation, make_parameterisation
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -28,11 +31,28 @@ def split_key(key: str) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class HyperSpec:
-    """How one schedule key is parameterised: segments, bounds, learned or fixed."""
+    """How one schedule key is parameterised: raw values (``n_segments`` of them), bounds in
+    the hyperparameter's units, learned or fixed, and the parameterisation (None: piecewise
+    constant in ``n_segments`` segments)."""
 
     n_segments: int
     bounds: tuple[float, float]
     learn: bool = True
+    param: Parameterisation | None = None
+
+    def __post_init__(self) -> None:
+        if self.param is None:
+            object.__setattr__(self, "param", Constant(self.n_segments))
+        elif self.param.size != self.n_segments:
+            raise ValueError(
+                f"HyperSpec: n_segments={self.n_segments} but {self.param!r} has "
+                f"{self.param.size} raw values"
+            )
+
+    @property
+    def parameterisation(self) -> Parameterisation:
+        assert self.param is not None
+        return self.param
 
 
 class HyperSchedule:
@@ -44,9 +64,11 @@ class HyperSchedule:
     hyperparameter of the optimiser that the schedule does not name stays at the optimiser's
     default (:attr:`metahpo.optim.Hyperparameter.default`).
 
-    Values are float64 CPU tensors (the outer loop's currency); estimators move them to the
-    task's device and dtype with :meth:`per_step`. Instances are immutable: :meth:`replace`
-    and :meth:`project` return new ones.
+    Values are the raw values of each key's parameterisation (for the default, piecewise
+    constant, the hyperparameter's own values), as float64 CPU tensors: the outer loop's
+    currency and what estimators differentiate. :meth:`per_step` maps them to the value at each
+    step on the task's device and dtype. Instances are immutable: :meth:`replace` and
+    :meth:`project` return new ones.
 
     Args:
         horizon: inner steps per run.
@@ -56,10 +78,14 @@ class HyperSchedule:
         groups: ``{name: {group: (pattern, ...)}}`` for per-group hyperparameters (fnmatch
             patterns on the task's parameter names, resolved by
             :func:`metahpo.groups.resolve_groups`).
+        loss: the hyperparameters of the task's training loss
+            (``task.loss_hyperparameters``); keys may name them as well as the optimiser's.
+            Their values reach ``train_loss`` through the batch
+            (:func:`metahpo.core.loss_hyper`).
 
     Raises:
-        ConfigError: a key that is not a hyperparameter of the optimiser, or a group key
-            without its groups (and the reverse).
+        ConfigError: a key that is not a hyperparameter of the optimiser or of the loss, or a
+            group key without its groups (and the reverse).
     """
 
     def __init__(
@@ -69,15 +95,17 @@ class HyperSchedule:
         values: Mapping[str, Tensor | Sequence[float] | float],
         optimizer: InnerOptimizer | None = None,
         groups: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+        loss: Mapping[str, Hyperparameter] | None = None,
     ) -> None:
         self.horizon = int(horizon)
         self.optimizer = optimizer if optimizer is not None else SGD()
+        self.loss = dict(loss or {})
         self.groups = {
             str(n): {str(g): (p,) if isinstance(p, str) else tuple(p) for g, p in gs.items()}
             for n, gs in (groups or {}).items()
         }
         self.specs = dict(specs)
-        _check_keys(self.specs, self.optimizer, self.groups)
+        _check_keys(self.specs, self.optimizer, self.groups, self.loss)
         self.values: dict[str, Tensor] = {}
         for key, spec in self.specs.items():
             if key not in values:
@@ -92,22 +120,49 @@ class HyperSchedule:
         return tuple(self.specs)
 
     @property
+    def loss_keys(self) -> tuple[str, ...]:
+        """Keys of hyperparameters of the training loss (not of the optimiser)."""
+        return tuple(k for k in self.specs if split_key(k)[0] in self.loss)
+
+    @property
     def learned(self) -> tuple[str, ...]:
         return tuple(n for n, s in self.specs.items() if s.learn)
+
+    def param(self, name: str) -> Parameterisation:
+        """The parameterisation of key ``name``."""
+        return self.specs[name].parameterisation
 
     def segment_index(self, name: str) -> Tensor:
         """LongTensor [T]: the segment in force at every step (``floor(n t / T)``)."""
         n = self.specs[name].n_segments
         return torch.arange(self.horizon, dtype=torch.long) * n // self.horizon
 
-    def segment_at(self, name: str, step: int) -> int:
-        """The segment in force at ``step`` (one entry of :meth:`segment_index`, no tensor)."""
-        return step * self.specs[name].n_segments // self.horizon
+    def supports(self, name: str) -> list[tuple[int, int]]:
+        """``(first, last)`` step each raw value of ``name`` can influence."""
+        return self.param(name).supports(self.horizon)
 
     def segment_starts(self, name: str) -> list[int]:
-        """First step of every segment (``ceil(k T / n)``)."""
+        """First step each raw value can influence (for segments, ``ceil(k T / n)``)."""
+        return [first for first, _ in self.supports(name)]
+
+    def raw_bounds(self, name: str) -> tuple[Tensor, Tensor]:
+        """Bounds of every raw value of ``name`` (float64 ``[n]`` each)."""
+        return self.param(name).raw_bounds(self.specs[name].bounds)
+
+    def unit_scale(self, name: str) -> Tensor:
+        """Per raw value, (width of its raw bounds) / (width of the key's bounds): turns a step
+        given in the hyperparameter's units into raw units (1 for linear parameterisations and
+        for infinite bounds)."""
+        lo, hi = self.specs[name].bounds
         n = self.specs[name].n_segments
-        return [-(-k * self.horizon // n) for k in range(n)]
+        if self.param(name).linear_units or not math.isfinite(hi - lo) or hi <= lo:
+            return torch.ones(n, dtype=torch.float64)
+        rlo, rhi = self.raw_bounds(name)
+        return (rhi - rlo) / (hi - lo)
+
+    def pullback(self, name: str, per_step_grad: Tensor) -> Tensor:
+        """d L / d(raw values of ``name``) from ``[T]`` per-step hypergradients d L / d value_t."""
+        return self.param(name).pullback(self.values[name], per_step_grad, self.horizon)
 
     # -- values ------------------------------------------------------------------------------
     def per_step(
@@ -118,10 +173,10 @@ class HyperSchedule:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Tensor [T] of the value in force at each step; differentiable in ``values``."""
+        """Tensor [T] of the value in force at each step; differentiable in ``values`` (raw)."""
         v = self.values[name] if values is None else values
         v = v.to(device=device or v.device, dtype=dtype or v.dtype)
-        return v[self.segment_index(name).to(v.device)]
+        return self.param(name).per_step(v, self.horizon)
 
     def table(
         self,
@@ -135,24 +190,31 @@ class HyperSchedule:
 
     def replace(self, values: Mapping[str, Tensor]) -> HyperSchedule:
         return HyperSchedule(
-            self.horizon, self.specs, {**self.values, **values}, self.optimizer, self.groups
+            self.horizon,
+            self.specs,
+            {**self.values, **values},
+            self.optimizer,
+            self.groups,
+            self.loss,
         )
 
     def project(self) -> HyperSchedule:
-        """Clip every value into its bounds."""
-        return self.replace({n: v.clamp(*self.specs[n].bounds) for n, v in self.values.items()})
+        """Clip every raw value into its bounds."""
+        return self.replace({n: v.clamp(*self.raw_bounds(n)) for n, v in self.values.items()})
 
     def n_columns(self) -> int:
         return sum(self.specs[n].n_segments for n in self.learned)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{key: {values, segments, bounds, learned}}`` (``results.json``'s schedules)."""
+        """``{key: {values, segments, bounds, learned, param}}`` (``results.json``'s schedules;
+        ``values`` are raw values, ``param`` names their parameterisation)."""
         return {
             n: {
                 "values": self.values[n].tolist(),
                 "segments": self.specs[n].n_segments,
                 "bounds": list(self.specs[n].bounds),
                 "learned": self.specs[n].learn,
+                "param": self.param(n).to_config(),
             }
             for n in self.specs
         }
@@ -182,9 +244,9 @@ class HyperSchedule:
         specs = {}
         for n, entry in d.items():
             lo, hi = entry["bounds"]
-            specs[n] = HyperSpec(
-                int(entry["segments"]), (float(lo), float(hi)), bool(entry["learned"])
-            )
+            segments = int(entry["segments"])
+            param = make_parameterisation(f"schedule.{n}", entry.get("param"), segments)
+            specs[n] = HyperSpec(param.size, (float(lo), float(hi)), bool(entry["learned"]), param)
         return cls(horizon, specs, {n: d[n]["values"] for n in d}, optimizer, groups)
 
     def __repr__(self) -> str:
@@ -198,14 +260,16 @@ def _check_keys(
     specs: Mapping[str, HyperSpec],
     optimizer: InnerOptimizer,
     groups: Mapping[str, Mapping[str, Sequence[str]]],
+    loss: Mapping[str, Hyperparameter],
 ) -> None:
-    known = optimizer.hyperparameters
+    known = {**optimizer.hyperparameters, **loss}
     for key in specs:
         name, group = split_key(key)
         if name not in known:
+            of_loss = " or of the task's loss" if loss else ""
             raise ConfigError(
-                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer; "
-                f"allowed: {', '.join(known)}"
+                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer"
+                f"{of_loss}; allowed: {', '.join(known)}"
             )
         if group is None and name in groups:
             raise ConfigError(
@@ -274,6 +338,20 @@ def per_key(
     if missing:
         raise ConfigError(f"{key} has no entry for {', '.join(missing)}")
     return out
+
+
+def raw_steps(
+    key: str,
+    per_type: Mapping[str, float],
+    schedule: HyperSchedule,
+    fraction: float | None = None,
+    power: int = 1,
+) -> dict[str, Tensor]:
+    """:func:`per_key`'s numbers (in each hyperparameter's units) as steps on the raw values:
+    times :meth:`HyperSchedule.unit_scale` to the ``power`` (1 for a step size, 2 for a
+    gradient-descent learning rate, which a change of variables scales twice)."""
+    sizes = per_key(key, per_type, schedule, fraction)
+    return {k: sizes[k] * schedule.unit_scale(k) ** power for k in sizes}
 
 
 def require_types(key: str, per_type: Mapping[str, float], schedule: HyperSchedule) -> None:

@@ -103,7 +103,8 @@ def _next_buffers(task, params, buffers, batch):
 
 def _values_of(schedule: HyperSchedule, values, param: str, t: int) -> dict:
     """The optimiser's hyperparameters for parameter ``param`` at step ``t``: its group's key for
-    a per-group name (matched here with fnmatch), the name's key, or the optimiser's default."""
+    a per-group name (matched here with fnmatch), the name's key, or the optimiser's default;
+    a key's value from its raw values by its parameterisation's ``at``."""
     out = {}
     for name, spec in schedule.optimizer.hyperparameters.items():
         key = name
@@ -114,7 +115,7 @@ def _values_of(schedule: HyperSchedule, values, param: str, t: int) -> dict:
                 if any(fnmatch.fnmatchcase(param, p) for p in patterns)
             ]
         if key in values:
-            out[name] = values[key][int(schedule.segment_index(key)[t])]
+            out[name] = schedule.param(key).at(values[key], t, schedule.horizon)
         else:
             out[name] = spec.default
     return out

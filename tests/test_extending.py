@@ -30,7 +30,7 @@ def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(body)
         written += 1
-    assert written == 7
+    assert written == 8
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -93,3 +93,34 @@ def test_objects_first_example_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "results.json").is_file()
     assert len(out["final"]["learned"]["per_seed"]) == 2  # type: ignore[index]
     assert hg.grads["lr"].shape == (out["learned_schedule"]["lr"]["segments"],)  # type: ignore[attr-defined,index]
+
+
+def test_users_parameterisation_is_exact_in_every_estimator(user_project: Path) -> None:
+    common = [
+        "task=digits",
+        "dtype=float64",
+        "task.n_train=96",
+        "task.batch_size=32",
+        "task.hidden=[12]",
+        "task.activation=tanh",
+        "horizon=9",
+        "schedule=lr_only",
+        "schedule.lr.segments=1",
+        "schedule.lr.param=mypkg.power_decay.PowerDecay",
+        "schedule.lr.init=[0.1,1.5]",
+        "schedule.lr.bounds=[1.0e-3,1.0]",
+    ]
+    setup = build(metahpo.compose([*common, "estimator=forward"]))
+    assert type(setup.schedule.param("lr")).__name__ == "PowerDecay"
+    lr = setup.schedule.per_step("lr")
+    assert float(lr[0]) == pytest.approx(0.1) and float(lr[-1]) == pytest.approx(0.1 / 9**1.5)
+    forward = setup.estimator.hypergradient(setup.task, setup.schedule)
+    exact = metahpo.hypergradient(metahpo.compose([*common, "estimator=exact_reverse"]))
+    assert_grads_close(forward.grads, exact.grads, rtol=1e-10)
+    from tests.conftest import central_differences
+
+    assert_grads_close(forward.grads, central_differences(setup.task, setup.schedule), rtol=1e-6)
+    with pytest.raises(metahpo.ConfigError, match=r"^schedule\.lr: power_decay needs"):
+        metahpo.compose(
+            [*common[:-2], "schedule.lr.init=[0.1,9.0]", "schedule.lr.bounds=[1.0e-3,1.0]"]
+        )
