@@ -123,7 +123,7 @@ class ExactReverse:
         diffopt.bind(steps, list(schedule.keys))
         with torch.enable_grad():
             for t in range(schedule.horizon):
-                batch = task.batch(t)
+                batch = steps.attach(t, task.batch(t))
                 params = dict(zip(names, fast, strict=True))
                 loss = task.train_loss(params, buffers, batch)
                 override = {name: [table[name][t]] for name in schedule.keys}

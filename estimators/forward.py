@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -195,6 +197,7 @@ class ForwardMode:
         Z = torch.zeros(len(cols), flat.n_params, device=dev, dtype=dt)
         S = tuple(torch.zeros_like(Z) for _ in state.opt_state)  # tangents of the state
         learned = [k for k in schedule.keys if k in schedule.learned]
+        in_loss = [k for k in learned if k in schedule.loss_keys]  # the loss's own, learned
         key = _key(flat)
         if self.hvp == "auto" and key not in self._measured and len(cols):
             self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
@@ -206,7 +209,15 @@ class ForwardMode:
                 g = flat.grad(t, st, batch)
                 hz[:] = []
             else:
-                g, h = self._grad_and_hvp(flat, st, batch, Z[:a])
+                mixed = None
+                if in_loss:  # d g / d column gains the loss's mixed second derivative
+                    values = steps.values(t)
+                    mixed = Mixed(
+                        tuple(values[k] for k in in_loss),
+                        torch.stack([cols.tangent(k, t, a) for k in in_loss], dim=1),
+                        lambda lam: steps.attach(t, batch, dict(zip(in_loss, lam, strict=True))),
+                    )
+                g, h = self._grad_and_hvp(flat, st, batch, Z[:a], mixed)
                 hz[:] = [h]
             if self.clamp_grad is not None:
                 g = g.clamp(-self.clamp_grad, self.clamp_grad)
@@ -240,11 +251,12 @@ class ForwardMode:
         return self._measured.get(key), self._measured_chunk.get(key, self.chunk_size)
 
     def _grad_and_hvp(
-        self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor
+        self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor, mixed: Mixed | None
     ) -> tuple[Tensor, Tensor]:
-        """Training gradient at ``st.theta`` and ``H Z^T`` for the rows of ``Z``."""
+        """Training gradient at ``st.theta`` and ``H Z^T`` (plus the mixed term) for the rows
+        of ``Z``."""
         mode, chunk = self._setting(_key(flat))
-        g, hz = grad_and_hvp(mode or "rev_rev", flat, st, batch, Z, chunk)
+        g, hz = grad_and_hvp(mode or "rev_rev", flat, st, batch, Z, chunk, mixed)
         g, hz = distributed.all_reduce_mean_(g), distributed.all_reduce_mean_(hz)
         if self.clamp_hvp is not None:
             hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
@@ -362,8 +374,30 @@ def sgd_propagate(
     return theta, (v,)
 
 
+@dataclass
+class Mixed:
+    """Hyperparameters of the training loss in a forward-mode step: the training gradient
+    depends on them, so its tangent along column j is ``H Z_j + sum_k D_jk d2L/dtheta dlam_k``.
+
+    Attributes:
+        values: the learned loss hyperparameters' values at this step (0-d each, K of them).
+        tangents: ``[a, K]``: d value_k / d column j for the started columns.
+        batch: the step's batch carrying given values instead (``(lam_1, ..., lam_K) ->``).
+    """
+
+    values: tuple[Tensor, ...]
+    tangents: Tensor
+    batch: Callable[[tuple[Tensor, ...]], Batch]
+
+
 def grad_and_hvp(
-    mode: str, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor, chunk: int | None = None
+    mode: str,
+    flat: FlatTask,
+    st: InnerState,
+    batch: Batch,
+    Z: Tensor,
+    chunk: int | None = None,
+    mixed: Mixed | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Training gradient at ``st.theta`` and ``H Z^T`` (``[len(Z), P]``) by one formulation.
 
@@ -371,9 +405,15 @@ def grad_and_hvp(
         mode: ``"fwd_rev"`` (``vmap`` over columns of ``jvp(grad(loss))``) or ``"rev_rev"``
             (gradient with ``create_graph``, then batched vector-Jacobian products through it).
         chunk: columns per vectorised call (None: all; 1: a plain loop without ``vmap``).
+        mixed: hyperparameters of the loss: each column's product gains their mixed term
+            (:class:`Mixed`), in the same call (``fwd_rev``: their tangents join the jvp's;
+            ``rev_rev``: the K derivatives dL/dlam_k join the differentiated outputs).
 
-    Cost: one gradient plus ``len(Z)`` Hessian-vector products (about two gradients each).
+    Cost: one gradient plus ``len(Z)`` Hessian-vector products (about two gradients each),
+    with or without ``mixed``.
     """
+    if mixed is not None:
+        return _grad_and_hvp_mixed(mode, flat, st, Z, chunk or len(Z), mixed)
 
     def loss(theta: Tensor) -> Tensor:
         return flat.train_loss(theta, st.buffers, batch)
@@ -408,6 +448,51 @@ def grad_and_hvp(
                 )
             parts.append(p)
     return g.detach(), parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _grad_and_hvp_mixed(
+    mode: str, flat: FlatTask, st: InnerState, Z: Tensor, chunk: int, mixed: Mixed
+) -> tuple[Tensor, Tensor]:
+    """:func:`grad_and_hvp` with the loss hyperparameters' mixed term in every column."""
+
+    def loss(theta: Tensor, lam: tuple[Tensor, ...]) -> Tensor:
+        return flat.train_loss(theta, st.buffers, mixed.batch(lam))
+
+    D = mixed.tangents
+    if mode == "fwd_rev":
+        gradf = grad(loss)
+
+        def column(z: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(
+                lambda th, *lam: gradf(th, lam),
+                (st.theta, *mixed.values),
+                (z, *d.unbind(0)),
+            )
+
+        if chunk == 1:
+            pairs = [column(z, d) for z, d in zip(Z, D, strict=True)]
+            return pairs[0][0], torch.stack([h for _, h in pairs])
+        batched = vmap(column, out_dims=(None, 0), randomness="same")
+        parts = [batched(Z[i : i + chunk], D[i : i + chunk]) for i in range(0, len(Z), chunk)]
+        return parts[0][0], torch.cat([h for _, h in parts])
+    theta = st.theta.detach().requires_grad_(True)
+    lam = tuple(v.detach().requires_grad_(True) for v in mixed.values)
+    with torch.enable_grad():
+        outs = torch.autograd.grad(loss(theta, lam), (theta, *lam), create_graph=True)
+        hz = []
+        for i in range(0, len(Z), chunk):
+            last = i + chunk >= len(Z)
+            if chunk == 1:
+                v = (Z[i], *D[i].unbind(0))
+                (p,) = torch.autograd.grad(outs, theta, v, retain_graph=not last)
+                hz.append(p.unsqueeze(0))
+            else:
+                v = (Z[i : i + chunk], *D[i : i + chunk].T.unbind(0))
+                (p,) = torch.autograd.grad(
+                    outs, theta, v, retain_graph=not last, is_grads_batched=True
+                )
+                hz.append(p)
+    return outs[0].detach(), torch.cat(hz)
 
 
 Candidate = tuple[str, int | None]

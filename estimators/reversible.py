@@ -113,7 +113,8 @@ class Reversible:
     per step, plus O(buffer limbs) integer operations on P numbers per step; independent of the
     number of shared values.
     Refuses (one-line ConfigError, before training): optimisers other than SGD, Nesterov
-    momentum (the update reads d(w_t) after w_t has been overwritten), tasks with batch-norm
+    momentum (the update reads d(w_t) after w_t has been overwritten), hyperparameters of the
+    training loss (they would need the mixed second derivative), tasks with batch-norm
     buffers, data-parallel runs. Raises DivergenceError on fixed-point overflow, and if the
     reversal fails to recover the initial state bit for bit (never a silently wrong result).
 
@@ -147,9 +148,15 @@ class Reversible:
                 "estimator=reversible cannot reverse optimizer.nesterov=true (the update reads "
                 f"the gradient at the overwritten weights); use {CAN}"
             )
+        if schedule.loss_keys:
+            raise ConfigError(
+                f"estimator=reversible reverses the optimiser's step only; schedule."
+                f"{split_key(schedule.loss_keys[0])[0]} is a hyperparameter of the training "
+                f"loss: use {CAN}"
+            )
         mom = [k for k in schedule.keys if split_key(k)[0] == "momentum"]
         for k in mom:
-            top = float(schedule.values[k].max())
+            top = float(schedule.per_step(k).max())
             if top >= 2:
                 raise ConfigError(
                     f"estimator=reversible: schedule.{k} reaches {top:g}; it must stay below 2"

@@ -6,7 +6,7 @@ new YAML file; nothing is registered anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from metahpo.core import ConfigError, HypergradientEstimator, Task
 from metahpo.device import DTYPES, resolve_device, resolve_dtype, set_threads
 from metahpo.inner import resolve_groups
 from metahpo.loggers import LoggerGroup, NullLogger
-from metahpo.optim import SGD, InnerOptimizer
+from metahpo.optim import SGD, Hyperparameter, InnerOptimizer
 from metahpo.parameterisation import make_parameterisation
 from metahpo.schedule import (
     HyperSchedule,
@@ -66,14 +66,14 @@ def optimizer_from_config(cfg: DictConfig) -> InnerOptimizer:
     return optimizer
 
 
-def _entries(name: str, c: DictConfig, optimizer: InnerOptimizer) -> dict[str, DictConfig]:
+def _entries(name: str, c: DictConfig, spec: Hyperparameter) -> dict[str, DictConfig]:
     """``schedule.<name>`` as ``{key: settings}``: one key, or one per group."""
     groups = c.get("groups")
     base = {k: c.get(k) for k in ("segments", "init", "bounds", "learn", "param")}
     if base["bounds"] is None:
-        base["bounds"] = list(optimizer.hyperparameters[name].bounds)
+        base["bounds"] = list(spec.bounds)
     if base["init"] is None:
-        base["init"] = optimizer.hyperparameters[name].default
+        base["init"] = spec.default
     if not groups:
         return {name: OmegaConf.create(base)}
     out = {}
@@ -99,13 +99,23 @@ def group_patterns(cfg: DictConfig) -> dict[str, dict[str, tuple[str, ...]]]:
 
 
 def schedule_from_config(
-    cfg: DictConfig, horizon: int, optimizer: InnerOptimizer | None = None
+    cfg: DictConfig,
+    horizon: int,
+    optimizer: InnerOptimizer | None = None,
+    loss: Mapping[str, Hyperparameter] | None = None,
 ) -> HyperSchedule:
-    """The schedule the outer loop starts from (``cfg`` is the ``schedule`` group)."""
+    """The schedule the outer loop starts from (``cfg`` is the ``schedule`` group; ``loss``
+    the task's loss hyperparameters)."""
     optimizer = optimizer if optimizer is not None else SGD()
+    known = {**optimizer.hyperparameters, **(loss or {})}
     specs, values = {}, {}
     for name, entry in cfg.items():
-        for key, c in _entries(str(name), entry, optimizer).items():
+        if str(name) not in known:  # compose() refuses these first; a hand-made config
+            raise ConfigError(
+                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer "
+                f"or of the task's loss; allowed: {', '.join(known)}"
+            )
+        for key, c in _entries(str(name), entry, known[str(name)]).items():
             lo, hi = float(c.bounds[0]), float(c.bounds[1])
             p = c.get("param")
             p = OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p
@@ -115,7 +125,7 @@ def schedule_from_config(
             values[key] = param.to_raw(
                 [float(v) for v in init] if not isinstance(init, int | float) else [float(init)]
             )
-    return HyperSchedule(horizon, specs, values, optimizer, group_patterns(cfg))
+    return HyperSchedule(horizon, specs, values, optimizer, group_patterns(cfg), loss)
 
 
 def baseline_from_config(
@@ -267,7 +277,8 @@ def build(cfg: DictConfig, *, seed: int | None = None, objects: Objects | None =
     check_fits(
         int(cfg.horizon), _n_keys(cfg.schedule), torch.empty((), dtype=dtype).itemsize, device
     )
-    schedule = schedule_from_config(cfg.schedule, cfg.horizon, inner)
+    loss = getattr(task, "loss_hyperparameters", None) or {}
+    schedule = schedule_from_config(cfg.schedule, cfg.horizon, inner, loss)
     # Parameter groups are matched against the task's parameter names now, before training.
     resolve_groups(schedule, *_names_and_sizes(task))
     # Settings that depend on the schedule (a window longer than the horizon...): an optional

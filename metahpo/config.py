@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from metahpo.core import ConfigError
-from metahpo.optim import InnerOptimizer
+from metahpo.optim import Hyperparameter, InnerOptimizer
 from metahpo.parameterisation import make_parameterisation
 from metahpo.validation import (
     Allowed,
@@ -346,7 +346,7 @@ def validate(cfg: DictConfig) -> None:
                 f"logger.{name}._target_ is missing: each entry of logger names its class"
             )
         check_node(f"logger.{name}", node)
-    _validate_schedule(cfg, horizon, optimizer)
+    _validate_schedule(cfg, horizon, optimizer, _loss_hyperparameters(data["task"]["_target_"]))
     _validate_baseline(cfg, optimizer)
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
@@ -374,18 +374,35 @@ def optimizer_class(cfg: DictConfig) -> type[InnerOptimizer]:
     return cls
 
 
+def _loss_hyperparameters(target: str) -> dict[str, Hyperparameter]:
+    """The training-loss hyperparameters the task class ``target`` declares (``{}``: none)."""
+    from hydra.utils import get_class
+
+    try:
+        return dict(getattr(get_class(str(target)), "loss_hyperparameters", None) or {})
+    except Exception:  # a factory function, or a class that fails later with its own line
+        return {}
+
+
 SCHEDULE_ENTRY = ("segments", "init", "bounds", "learn", "param", "groups")
 
 
-def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptimizer]) -> None:
-    known = optimizer.hyperparameters
+def _validate_schedule(
+    cfg: DictConfig,
+    horizon: int,
+    optimizer: type[InnerOptimizer],
+    loss: dict[str, Hyperparameter],
+) -> None:
+    known = {**optimizer.hyperparameters, **loss}
     learned = 0
     for name in cfg.schedule:
         key = f"schedule.{name}"
         if name not in known:
+            task = OmegaConf.select(cfg, "task._target_")
             raise ConfigError(
                 f"{key} is not a hyperparameter of the {optimizer.name} optimizer "
-                f"({OmegaConf.select(cfg, 'optimizer._target_')}); allowed: {', '.join(known)}"
+                f"({OmegaConf.select(cfg, 'optimizer._target_')}) or of the loss of task "
+                f"{task}; allowed: {', '.join(known)}"
             )
         entry = OmegaConf.select(cfg, key)
         if not isinstance(entry, DictConfig):
@@ -398,7 +415,7 @@ def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptim
                 )
         groups = entry.get("groups")
         if groups is None:
-            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, {})
+            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, loss, {})
             continue
         if not isinstance(groups, DictConfig) or not groups:
             raise ConfigError(
@@ -425,7 +442,7 @@ def _validate_schedule(cfg: DictConfig, horizon: int, optimizer: type[InnerOptim
                 raise ConfigError(
                     f"{gkey}={_shown(g)} must be a parameter-name pattern or a list of them"
                 )
-            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, own, gkey)
+            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, loss, own, gkey)
     if not learned:
         raise ConfigError("schedule: no hyperparameter has learn=true; nothing to learn")
 
@@ -440,11 +457,15 @@ def _validate_entry(
     name: str,
     horizon: int,
     optimizer: type[InnerOptimizer],
+    loss: dict[str, Hyperparameter],
     own: Any,
     where: str | None = None,
 ) -> bool:
     """Check one schedule entry (or one group's, whose own settings override the entry's)."""
-    spec = optimizer.hyperparameters[name]
+    if name in optimizer.hyperparameters:
+        spec, what = optimizer.hyperparameters[name], f"{optimizer.name}'s {name}"
+    else:
+        spec, what = loss[name], f"the loss's {name}"
 
     def get(k: str) -> tuple[str, Any]:
         if k in own and own[k] is not None:
@@ -470,7 +491,7 @@ def _validate_entry(
         if lo > hi:
             raise ConfigError(f"{b_key}=[{lo}, {hi}] has min > max")
         for b in (lo, hi):
-            optimizer.check_value(b_key, name, b, shown=[lo, hi])
+            spec.check(b_key, what, b, shown=[lo, hi])
     p_key, p = get("param")
     param = make_parameterisation(p_key.rpartition(".")[0], _plain(p), n)
     i_key, init = get("init")
@@ -483,7 +504,7 @@ def _validate_entry(
         )
     param.check(i_key.rpartition(".")[0], horizon, (lo, hi), [float(v) for v in values])
     for v in param.hyperparameter_values([float(v) for v in values]):
-        optimizer.check_value(i_key, name, v)
+        spec.check(i_key, what, v)
     raw, (rlo, rhi) = param.to_raw(values), param.raw_bounds((lo, hi))
     if not bool(((rlo <= raw) & (raw <= rhi)).all()):
         raise ConfigError(f"{i_key}={values} lies outside {b_key}=[{lo}, {hi}]")

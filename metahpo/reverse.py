@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from metahpo import distributed
-from metahpo.core import Batch, ConfigError
+from metahpo.core import Batch, ConfigError, loss_hyper
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import State
 from metahpo.schedule import HyperSchedule
@@ -76,15 +76,23 @@ def check_window(key: str, value: object, horizon: int | None = None) -> int:
 def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) -> Tensor:
     """Training gradient that keeps its graph (a ``grad_fn`` for :func:`metahpo.inner.train`).
 
-    When ``state.theta`` carries no graph (the window's first step, a constant) the gradient is
-    a constant too and no graph is built. Averaged over ranks in a data-parallel run.
+    When neither ``state.theta`` (the window's first step, a constant) nor the loss
+    hyperparameters ``batch`` carries have a graph, the gradient is a constant too and no graph
+    is built. Averaged over ranks in a data-parallel run.
     """
-    tracked = state.theta.requires_grad
-    theta = state.theta if tracked else state.theta.detach().requires_grad_(True)
+    tracked = state.theta.requires_grad or _has_graph(loss_hyper(batch))
+    theta = state.theta if state.theta.requires_grad else state.theta.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = flat.train_loss(theta, state.buffers, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=tracked)
         return distributed.all_reduce_mean(g)
+
+
+def _has_graph(values: object) -> bool:
+    """Any tensor in ``values`` (nested dicts) requires grad."""
+    if isinstance(values, dict):
+        return any(_has_graph(v) for v in values.values())
+    return isinstance(values, Tensor) and values.requires_grad
 
 
 def window_hypergradient(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metahpo import distributed
-from metahpo.core import Batch, Buffers, ConfigError, Params, StepBatch
+from metahpo.core import Batch, Buffers, ConfigError, Params, StepBatch, loss_hyper
+from metahpo.optim import Hyperparameter
 
 Split = Literal["train", "val", "test"]
 
@@ -76,12 +77,25 @@ class SupervisedTask:
             generator lives on ``device`` and is seeded by (seed, step), so batches are
             deterministic.
 
+    Hyperparameters of the training loss (:attr:`loss_hyperparameters`, learned like the
+    optimiser's when the schedule names them; the validation loss, the meta-objective, never
+    has them): ``label_smoothing`` (cross-entropy with its targets mixed with the uniform
+    distribution: ``(1 - s) CE + s mean_c(-log p_c)``) and ``l2``, the penalty
+    ``l2 / 2 ||w||^2`` on every parameter, or per group of parameters
+    (``schedule.l2.groups``): the same gradient as weight decay, but inside the loss, so every
+    optimiser (Adam as well) sees it and estimators differentiate it as a loss term.
+
     Random layers (dropout): every training batch carries a seed of its own (a
     :class:`~metahpo.core.StepBatch`, from (seed, step)), and the training loss and the
     buffers' update draw their masks from it, so every estimator sees the same masks at a
     step however often it evaluates that step, and the exact estimators agree.
         eval_batch_size: chunk size for validation / test passes.
     """
+
+    loss_hyperparameters: ClassVar[dict[str, Hyperparameter]] = {
+        "label_smoothing": Hyperparameter(0.0, (0.0, 0.2), low=0.0, high=1.0, high_open=True),
+        "l2": Hyperparameter(0.0, (0.0, 0.01), low=0.0),
+    }
 
     def __init__(
         self,
@@ -182,11 +196,25 @@ class SupervisedTask:
         return functional_call(self.model, (params, buffers), (x,))
 
     def train_loss(self, params: Params, buffers: Buffers, batch: Batch) -> Tensor:
-        """Mean loss on ``batch`` in train mode; pure (batch-norm uses batch statistics only)."""
+        """Mean loss on ``batch`` in train mode, with the loss hyperparameters ``batch``
+        carries; pure (batch-norm uses batch statistics only)."""
         self.model.train()
         x, y = batch
+        hyper = loss_hyper(batch)
         with batch_statistics_only(self.model), self._masks(batch):
-            return self._loss(self._forward(params, buffers, x), y)
+            out = self._forward(params, buffers, x)
+        smoothing = hyper.get("label_smoothing")
+        if smoothing is None:
+            loss = self._loss(out, y)
+        else:
+            logp = F.log_softmax(out, dim=-1)
+            nll = -logp.gather(-1, y.unsqueeze(-1)).mean()
+            loss = (1 - smoothing) * nll + smoothing * -logp.mean(-1).mean()
+        l2 = hyper.get("l2")
+        if l2 is not None:
+            per = l2 if isinstance(l2, dict) else dict.fromkeys(params, l2)
+            loss = loss + sum(per[k] * params[k].pow(2).sum() for k in params) / 2
+        return loss
 
     def next_buffers(self, params: Params, buffers: Buffers, batch: Batch) -> Buffers:
         """Running statistics after a train-mode pass on ``batch`` (new tensors, no gradient)."""

@@ -30,7 +30,11 @@ class Quadratic(SupervisedTask):
         condition: ratio of the largest to the smallest feature scale (curvature spread).
         noise: standard deviation of the label noise.
         data_seed: fixes the data and ``w*``; ``seed`` fixes the initial weights and batches.
+
+    Loss hyperparameters: ``l2`` (regression has no label smoothing).
     """
+
+    loss_hyperparameters = {"l2": SupervisedTask.loss_hyperparameters["l2"]}
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
+from metahpo.core import StepBatch
 from metahpo.optim import SGD, InnerOptimizer
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.tasks.digits import Digits
@@ -150,13 +151,29 @@ def _reference_step(optimizer: InnerOptimizer, p, state, g, h, k):
     return new, {"s": state}
 
 
+def _with_loss_values(batch, schedule: HyperSchedule, values, params, t: int):
+    """``batch`` carrying the loss hyperparameters' values at step ``t`` (groups matched here
+    with fnmatch)."""
+    hyper = {}
+    for key in schedule.loss_keys:
+        name, group = key.partition("/")[::2]
+        value = schedule.param(key).at(values[key], t, schedule.horizon)
+        if not group:
+            hyper[name] = value
+            continue
+        for p in params:
+            if any(fnmatch.fnmatchcase(p, pat) for pat in schedule.groups[name][group]):
+                hyper.setdefault(name, {})[p] = value
+    return StepBatch(batch[0], batch[1], getattr(batch, "seed", None), hyper) if hyper else batch
+
+
 def _reference_run(task, schedule: HyperSchedule, values, differentiable: bool):
     """Parameters and buffers after the run, parameter by parameter (independent of
     metahpo.inner and metahpo.optim)."""
     params, buffers = task.init_params()
     states = {k: {} for k in params}
     for t in range(schedule.horizon):
-        batch = task.batch(t)
+        batch = _with_loss_values(task.batch(t), schedule, values, params, t)
         if differentiable:
             params = {
                 k: p if p.requires_grad else p.requires_grad_(True) for k, p in params.items()
