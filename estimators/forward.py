@@ -116,10 +116,13 @@ class ForwardMode:
         HZ = H Z                                   (Hessian-vector products of started columns)
         (Z, S) <- jvp(step, (theta, state, g, h_t), (Z, S, HZ, dh_t/dcolumn))   (vmap on columns)
 
-    and returns ``grad L_val(theta_T) . Z_T``. Columns are ordered by the step their segment
-    starts and a column is exactly zero before then, so step t only updates the prefix of
-    columns that have started (:class:`Columns`). The training gradient of a step comes out of
-    the same call as its Hessian-vector products (:func:`propagate` does the rest).
+    and returns ``grad L_val(theta_T) . Z_T``. One column per learned raw value of each key's
+    parameterisation (:mod:`metahpo.parameterisation`); columns are ordered by the step their
+    support starts and a column is exactly zero before then, so step t only updates the prefix
+    of columns that have started (:class:`Columns`). Hyperparameters of the training loss add
+    their mixed second derivative to each column's ``H Z`` in the same call (:class:`Mixed`).
+    The training gradient of a step comes out of the same call as its Hessian-vector
+    products (:func:`propagate` does the rest).
 
     Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
     reproduce the clamps of the paper's code and make the result inexact.

@@ -66,6 +66,11 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
+    # parameterisations and loss hyperparameters (docs/parameterisations.md), the new loop
+    **{
+        f"schedule={name}": {"digits": [f"schedule={name}"]}
+        for name in ("log", "linear", "warmup_cosine", "loss")
+    },
 }
 SEEDS = (0, 1, 2)
 
