@@ -6,7 +6,7 @@ new YAML file; nothing is registered anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +20,13 @@ from metahpo.core import ConfigError, HypergradientEstimator, Task
 from metahpo.device import DTYPES, resolve_device, resolve_dtype, set_threads
 from metahpo.inner import resolve_groups
 from metahpo.loggers import LoggerGroup, NullLogger
-from metahpo.optim import SGD, Hyperparameter, InnerOptimizer
-from metahpo.parameterisation import make_parameterisation
+from metahpo.optim import InnerOptimizer
 from metahpo.schedule import (
     HyperSchedule,
-    HyperSpec,
     constant_schedule,
     cosine_schedule,
 )
+from metahpo.schedule_config import schedule_from_config
 
 
 def _instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -64,68 +63,6 @@ def optimizer_from_config(cfg: DictConfig) -> InnerOptimizer:
             f"optimizer._target_={cfg._target_!r} is not a metahpo.optim.InnerOptimizer"
         )
     return optimizer
-
-
-def _entries(name: str, c: DictConfig, spec: Hyperparameter) -> dict[str, DictConfig]:
-    """``schedule.<name>`` as ``{key: settings}``: one key, or one per group."""
-    groups = c.get("groups")
-    base = {k: c.get(k) for k in ("segments", "init", "bounds", "learn", "param")}
-    if base["bounds"] is None:
-        base["bounds"] = list(spec.bounds)
-    if base["init"] is None:
-        base["init"] = spec.default
-    if not groups:
-        return {name: OmegaConf.create(base)}
-    out = {}
-    for group, g in groups.items():
-        own = g if isinstance(g, DictConfig) else {}
-        settings = {k: own.get(k) if own.get(k) is not None else v for k, v in base.items()}
-        out[f"{name}/{group}"] = OmegaConf.create(settings)
-    return out
-
-
-def group_patterns(cfg: DictConfig) -> dict[str, dict[str, tuple[str, ...]]]:
-    """``{name: {group: patterns}}`` from the ``schedule`` group's ``groups`` entries."""
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
-    for name, c in cfg.items():
-        groups = c.get("groups")
-        if not groups:
-            continue
-        out[str(name)] = {}
-        for group, g in groups.items():
-            p = g.get("params") if isinstance(g, DictConfig) else g
-            out[str(name)][str(group)] = (p,) if isinstance(p, str) else tuple(str(x) for x in p)
-    return out
-
-
-def schedule_from_config(
-    cfg: DictConfig,
-    horizon: int,
-    optimizer: InnerOptimizer | None = None,
-    loss: Mapping[str, Hyperparameter] | None = None,
-) -> HyperSchedule:
-    """The schedule the outer loop starts from (``cfg`` is the ``schedule`` group; ``loss``
-    the task's loss hyperparameters)."""
-    optimizer = optimizer if optimizer is not None else SGD()
-    known = {**optimizer.hyperparameters, **(loss or {})}
-    specs, values = {}, {}
-    for name, entry in cfg.items():
-        if str(name) not in known:  # compose() refuses these first; a hand-made config
-            raise ConfigError(
-                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer "
-                f"or of the task's loss; allowed: {', '.join(known)}"
-            )
-        for key, c in _entries(str(name), entry, known[str(name)]).items():
-            lo, hi = float(c.bounds[0]), float(c.bounds[1])
-            p = c.get("param")
-            p = OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p
-            param = make_parameterisation(f"schedule.{key}", p, int(c.segments))
-            specs[key] = HyperSpec(param.size, (lo, hi), bool(c.learn), param)
-            init = c.init
-            values[key] = param.to_raw(
-                [float(v) for v in init] if not isinstance(init, int | float) else [float(init)]
-            )
-    return HyperSchedule(horizon, specs, values, optimizer, group_patterns(cfg), loss)
 
 
 def baseline_from_config(
@@ -278,7 +215,9 @@ def build(cfg: DictConfig, *, seed: int | None = None, objects: Objects | None =
         int(cfg.horizon), _n_keys(cfg.schedule), torch.empty((), dtype=dtype).itemsize, device
     )
     loss = getattr(task, "loss_hyperparameters", None) or {}
-    schedule = schedule_from_config(cfg.schedule, cfg.horizon, inner, loss)
+    plain = OmegaConf.to_container(cfg.schedule, resolve=True)
+    assert isinstance(plain, dict)
+    schedule = schedule_from_config(plain, cfg.horizon, inner, loss)
     # Parameter groups are matched against the task's parameter names now, before training.
     resolve_groups(schedule, *_names_and_sizes(task))
     # Settings that depend on the schedule (a window longer than the horizon...): an optional

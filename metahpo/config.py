@@ -16,13 +16,14 @@ from typing import Annotated, Any, Literal
 import annotated_types as at
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
 from metahpo.core import ConfigError
 from metahpo.optim import Hyperparameter, InnerOptimizer
-from metahpo.parameterisation import make_parameterisation
+from metahpo.schedule_config import schedule_from_config
 from metahpo.validation import (
     Allowed,
+    Node,
     NonNegative,
     NonNegativeInt,
     Positive,
@@ -206,11 +207,7 @@ def _one_line(error: Exception, overrides: list[str]) -> ConfigError:
 
 
 # -- validation -------------------------------------------------------------------------------
-class _Node(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-class _Outer(_Node):
+class _Outer(Node):
     optimizer: dict[str, Any]  # a plugin: checked against its class
     steps: NonNegativeInt
     stop_fraction: NonNegative
@@ -228,19 +225,19 @@ class _Outer(_Node):
     budget: Annotated[PositiveInt | None, Field(description="inner runs; null: no cap")]
 
 
-class _Final(_Node):
+class _Final(Node):
     seeds: Annotated[list[NonNegativeInt], at.MinLen(1)]
     baseline_cache: Annotated[
         Annotated[str, at.MinLen(1)] | None, Allowed("auto, a directory or null (no cache)")
     ]
 
 
-class _Distributed(_Node):
+class _Distributed(Node):
     backend: Literal["auto", "gloo", "nccl"]
     timeout: Annotated[Positive, Field(description="seconds")]
 
 
-class _Config(_Node):
+class _Config(Node):
     """The keys metahpo itself reads; plugins' keys are checked against their classes."""
 
     seed: NonNegativeInt
@@ -280,11 +277,6 @@ def check_writable(path: str | Path, key: str) -> None:
             f"{key}={str(path)!r} is not a writable directory ({type(e).__name__}: "
             f"{e.strerror or e}); choose one you can write"
         ) from None
-
-
-def _plain(v: Any) -> Any:
-    """An OmegaConf node as plain Python values (anything else unchanged)."""
-    return OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig | ListConfig) else v
 
 
 def _is_number(v: Any) -> bool:
@@ -346,7 +338,9 @@ def validate(cfg: DictConfig) -> None:
                 f"logger.{name}._target_ is missing: each entry of logger names its class"
             )
         check_node(f"logger.{name}", node)
-    _validate_schedule(cfg, horizon, optimizer, _loss_hyperparameters(data["task"]["_target_"]))
+    schedule_from_config(
+        data["schedule"], horizon, optimizer, _loss_hyperparameters(data["task"]["_target_"])
+    )
     _validate_baseline(cfg, optimizer)
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
@@ -384,142 +378,13 @@ def _loss_hyperparameters(target: str) -> dict[str, Hyperparameter]:
         return {}
 
 
-SCHEDULE_ENTRY = ("segments", "init", "bounds", "learn", "param", "groups")
-
-
-def _validate_schedule(
-    cfg: DictConfig,
-    horizon: int,
-    optimizer: type[InnerOptimizer],
-    loss: dict[str, Hyperparameter],
-) -> None:
-    known = {**optimizer.hyperparameters, **loss}
-    learned = 0
-    for name in cfg.schedule:
-        key = f"schedule.{name}"
-        if name not in known:
-            task = OmegaConf.select(cfg, "task._target_")
-            raise ConfigError(
-                f"{key} is not a hyperparameter of the {optimizer.name} optimizer "
-                f"({OmegaConf.select(cfg, 'optimizer._target_')}) or of the loss of task "
-                f"{task}; allowed: {', '.join(known)}"
-            )
-        entry = OmegaConf.select(cfg, key)
-        if not isinstance(entry, DictConfig):
-            raise ConfigError(f"{key}={entry!r} must be a mapping of {', '.join(SCHEDULE_ENTRY)}")
-        for k in entry:
-            if k not in SCHEDULE_ENTRY:
-                raise ConfigError(
-                    f"{key}.{k} is not a key metahpo reads; keys under {key}: "
-                    f"{', '.join(SCHEDULE_ENTRY)}"
-                )
-        groups = entry.get("groups")
-        if groups is None:
-            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, loss, {})
-            continue
-        if not isinstance(groups, DictConfig) or not groups:
-            raise ConfigError(
-                f"{key}.groups={_shown(groups)} must be null or a mapping "
-                "{group: pattern, list of patterns, or {params: ..., segments: ...}}"
-            )
-        for group, g in groups.items():
-            gkey = f"{key}.groups.{group}"
-            if "/" in str(group) or "." in str(group):
-                raise ConfigError(f"{gkey}: a group name cannot contain '/' or '.'")
-            own = g if isinstance(g, DictConfig) else {}
-            if isinstance(g, DictConfig):
-                extra = [k for k in g if k not in ("params", *SCHEDULE_ENTRY[:5])]
-                if extra:
-                    raise ConfigError(
-                        f"{gkey}.{extra[0]} is not a key metahpo reads; keys under {gkey}: "
-                        "params, segments, init, bounds, learn, param"
-                    )
-                g = g.get("params")
-            if not (
-                isinstance(g, str)
-                or (isinstance(g, ListConfig) and g and all(isinstance(p, str) for p in g))
-            ):
-                raise ConfigError(
-                    f"{gkey}={_shown(g)} must be a parameter-name pattern or a list of them"
-                )
-            learned += _validate_entry(cfg, key, str(name), horizon, optimizer, loss, own, gkey)
-    if not learned:
-        raise ConfigError("schedule: no hyperparameter has learn=true; nothing to learn")
-
-
-def _shown(v: Any) -> Any:
-    return OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else repr(v)
-
-
-def _validate_entry(
-    cfg: DictConfig,
-    key: str,
-    name: str,
-    horizon: int,
-    optimizer: type[InnerOptimizer],
-    loss: dict[str, Hyperparameter],
-    own: Any,
-    where: str | None = None,
-) -> bool:
-    """Check one schedule entry (or one group's, whose own settings override the entry's)."""
-    if name in optimizer.hyperparameters:
-        spec, what = optimizer.hyperparameters[name], f"{optimizer.name}'s {name}"
-    else:
-        spec, what = loss[name], f"the loss's {name}"
-
-    def get(k: str) -> tuple[str, Any]:
-        if k in own and own[k] is not None:
-            return f"{where}.{k}", own[k]
-        return f"{key}.{k}", OmegaConf.select(cfg, f"{key}.{k}")
-
-    seg_key, n = get("segments")
-    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= horizon):
-        raise ConfigError(
-            f"{seg_key}={n!r} must be an integer from 1 to {horizon} (horizon={horizon})"
-        )
-    b_key, bounds = get("bounds")
-    if bounds is None:
-        lo, hi = spec.bounds
-    else:
-        if (
-            not isinstance(bounds, ListConfig)
-            or len(bounds) != 2
-            or not all(_is_number(b) for b in bounds)
-        ):
-            raise ConfigError(f"{b_key}={_shown(bounds)} must be [min, max] (or null: default)")
-        lo, hi = float(bounds[0]), float(bounds[1])
-        if lo > hi:
-            raise ConfigError(f"{b_key}=[{lo}, {hi}] has min > max")
-        for b in (lo, hi):
-            spec.check(b_key, what, b, shown=[lo, hi])
-    p_key, p = get("param")
-    param = make_parameterisation(p_key.rpartition(".")[0], _plain(p), n)
-    i_key, init = get("init")
-    if init is None:
-        init = spec.default
-    values = list(init) if isinstance(init, ListConfig) else [init]
-    if not all(_is_number(v) for v in values) or len(values) not in (1, param.size):
-        raise ConfigError(
-            f"{i_key}={_shown(init)} must be a number or a list of {param.size} numbers"
-        )
-    param.check(i_key.rpartition(".")[0], horizon, (lo, hi), [float(v) for v in values])
-    for v in param.hyperparameter_values([float(v) for v in values]):
-        spec.check(i_key, what, v)
-    raw, (rlo, rhi) = param.to_raw(values), param.raw_bounds((lo, hi))
-    if not bool(((rlo <= raw) & (raw <= rhi)).all()):
-        raise ConfigError(f"{i_key}={values} lies outside {b_key}=[{lo}, {hi}]")
-    l_key, learn = get("learn")
-    if not isinstance(learn, bool):
-        raise ConfigError(f"{l_key}={learn!r} must be true or false")
-    return learn
-
-
 def _validate_baseline(cfg: DictConfig, optimizer: type[InnerOptimizer]) -> None:
     own = OmegaConf.select(cfg, "optimizer.baseline")
     where = "optimizer.baseline" if own is not None else "baseline"
     values = own if own is not None else cfg.baseline
     if not isinstance(values, DictConfig):
-        raise ConfigError(f"{where}={_shown(values)} must be a mapping of hyperparameter values")
+        shown = OmegaConf.to_container(values) if isinstance(values, ListConfig) else repr(values)
+        raise ConfigError(f"{where}={shown} must be a mapping of hyperparameter values")
     for name in values:
         if own is None and name == "lr_decay":
             continue

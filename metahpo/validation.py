@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, Union
 
 import annotated_types as at
 from omegaconf import Container, OmegaConf
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from metahpo.core import ConfigError
@@ -360,6 +360,13 @@ def checked(key: str) -> Callable[[type], type]:
 def check_node(key: str, node: Mapping[str, Any]) -> None:
     """Check a config node that names its class (``{_target_: ..., arg: value}``)."""
     check_arguments(key, node["_target_"], node)
+
+
+class Node(BaseModel):
+    """A config node of fixed keys: strict types (no string for a number, no float for an
+    integer), no NaN or infinity, no unknown key (checked by :func:`check_model`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 def check_model(key: str, model: Any, data: Mapping[str, Any]) -> None:

@@ -115,9 +115,9 @@ def test_skips_columns_before_their_segment(monkeypatch, digits_small) -> None:
     seen: list[int] = []
     original = ForwardMode._grad_and_hvp
 
-    def spy(self, flat, st, batch, Z):  # type: ignore[no-untyped-def]
+    def spy(self, flat, st, batch, Z, mixed):  # type: ignore[no-untyped-def]
         seen.append(Z.shape[0])
-        return original(self, flat, st, batch, Z)
+        return original(self, flat, st, batch, Z, mixed)
 
     monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
     schedule = make_schedule(8, 4)  # segments start at steps 0, 2, 4, 6; three types each

@@ -114,8 +114,9 @@ def test_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def
 BAD = [
     (
         ["+schedule.dropout_rate={segments: 1, init: 0.1, bounds: [0, 1], learn: true}"],
-        r"^schedule\.dropout_rate is not a hyperparameter of the sgd optimizer \(.*\) or of "
-        r"the loss of task .*; allowed: lr, momentum, weight_decay, label_smoothing, l2$",
+        r"^schedule\.dropout_rate is not a hyperparameter of the sgd optimizer "
+        r"\(metahpo\.optim\.SGD\) or of the task's loss; allowed: lr, momentum, weight_decay, "
+        r"label_smoothing, l2$",
     ),
     (
         ["task=quadratic", "schedule=loss"],

@@ -263,7 +263,8 @@ def test_a_users_optimiser_is_differentiated_by_every_exact_estimator() -> None:
         (
             ["optimizer=adamw", "schedule=lr_only"],
             r"^schedule\.momentum is not a hyperparameter of the adamw optimizer "
-            r"\(metahpo\.optim\.AdamW\); allowed: lr, beta1, beta2, eps, weight_decay$",
+            r"\(metahpo\.optim\.AdamW\) or of the task's loss; allowed: lr, beta1, beta2, eps, "
+            r"weight_decay, label_smoothing, l2$",
         ),
         (
             ["optimizer=adamw", "schedule.beta1.bounds=[0.0,1.0]"],

@@ -148,6 +148,21 @@ def test_columns_start_at_supports_with_overlap() -> None:
     assert sum(d for _, d in lr_at_4) == pytest.approx(1.0)
 
 
+def test_forward_skips_knots_before_their_support(monkeypatch, digits) -> None:
+    """Each step computes products only for the knots that already act on it."""
+    seen: list[int] = []
+    original = ForwardMode._grad_and_hvp
+
+    def spy(self, flat, st, batch, Z, mixed):  # type: ignore[no-untyped-def]
+        seen.append(Z.shape[0])
+        return original(self, flat, st, batch, Z, mixed)
+
+    monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
+    ForwardMode().hypergradient(digits, schedule_for("linear"))
+    # starts: lr 0, 1, 3, 6; momentum (knots at 0, 4, 8) 0, 1, 5; weight decay 0, 1
+    assert seen == [3, 6, 6, 7, 7, 8, 9, 9, 9]
+
+
 def test_linear_knots_interpolate_and_pass_through_the_ends() -> None:
     raw = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
     v = Linear(3).per_step(raw, 5)  # knots at steps 0, 2, 4
