@@ -31,7 +31,16 @@ from metahpo.validation import (
     check_node,
 )
 
-GROUPS = ("task", "estimator", "optimizer", "schedule", "outer", "logger", "experiment")
+GROUPS = (
+    "task",
+    "estimator",
+    "optimizer",
+    "schedule",
+    "outer",
+    "logger",
+    "search",
+    "experiment",
+)
 
 
 def config_dir() -> Path:
@@ -229,9 +238,24 @@ class _Outer(_Node):
 
 class _Final(_Node):
     seeds: Annotated[list[NonNegativeInt], at.MinLen(1)]
+    lr_free: Annotated[
+        list[Literal["schedulefree_sgd", "prodigy"]],
+        Field(description="learning-rate-free optimisers retrained beside the baseline"),
+    ] = []
     baseline_cache: Annotated[
         Annotated[str, at.MinLen(1)] | None, Allowed("auto, a directory or null (no cache)")
     ]
+
+
+class _Search(_Node):
+    name: Annotated[Annotated[str, at.MinLen(1)] | None, Field(description="null: no search")]
+    budget: Annotated[
+        PositiveInt | None,
+        Field(description="inner-step equivalents; null: the hypergradient run's outer.budget"),
+    ]
+    space: Literal["schedule", "constant"]
+    sampler: dict[str, Any] | None  # plugins: checked against their classes
+    pruner: dict[str, Any] | None
 
 
 class _Distributed(_Node):
@@ -264,6 +288,7 @@ class _Config(_Node):
     schedule: dict[str, Any]
     logger: dict[str, Any]
     baseline: dict[str, Any]
+    search: _Search
 
 
 def check_writable(path: str | Path, key: str) -> None:
@@ -342,6 +367,8 @@ def validate(cfg: DictConfig) -> None:
         check_node(f"logger.{name}", node)
     _validate_schedule(cfg, horizon, optimizer)
     _validate_baseline(cfg, optimizer)
+    if data["search"]["name"] is not None:
+        _validate_search(data["search"], horizon, data["outer"])
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
         raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")
@@ -502,3 +529,37 @@ def _validate_baseline(cfg: DictConfig, optimizer: type[InnerOptimizer]) -> None
                 f"{optimizer.hyperparameters[str(name)].domain()}".replace(" any number", "")
             )
         optimizer.check_value(f"{where}.{name}", str(name), float(values[name]))
+
+
+def _validate_search(search: dict[str, Any], horizon: int, outer: dict[str, Any]) -> None:
+    """A black-box search's plugins and budget (metahpo/search.py)."""
+    for key in ("sampler", "pruner"):
+        node = search[key]
+        if node is None and key == "pruner":
+            continue
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(f"search.{key}._target_ is missing: name an Optuna {key}'s class")
+        check_node(f"search.{key}", node)
+    pruner = search["pruner"]
+    if pruner is not None and not all(k in pruner for k in ("min_resource", "reduction_factor")):
+        raise ConfigError(
+            f"search.pruner._target_={pruner['_target_']!r}: set search.pruner.min_resource "
+            "and reduction_factor (the inner steps where trials report: min_resource x "
+            "reduction_factor^k); HyperbandPruner and SuccessiveHalvingPruner take them"
+        )
+    budget = search["budget"]
+    if budget is not None and budget < horizon:
+        raise ConfigError(
+            f"search.budget={budget} must be an integer >= {horizon} (one inner run of "
+            f"horizon={horizon} steps) or null (the hypergradient run's)"
+        )
+    if budget is None and outer["budget"] is None:
+        raise ConfigError(
+            "search.budget=null matches the hypergradient run's outer.budget, which is null: "
+            "set search.budget (inner-step equivalents) or outer.budget"
+        )
+    if outer["seeds"] != 1:
+        raise ConfigError(
+            f"outer.seeds={outer['seeds']}: a search scores each trial on one inner seed (seed); "
+            "set outer.seeds=1"
+        )

@@ -128,10 +128,12 @@ def _band(ax: Any, x: Sequence[float], ys: Sequence[Sequence[float]], **style: A
 def _curves(res: dict[str, Any]) -> tuple[list[int], list[float], list[float]]:
     """Outer steps, cumulative seconds in hypergradients, meta-loss of one run's history."""
     seconds = list(itertools.accumulate(h.get("seconds") or 0.0 for h in res["history"]))
+    # a search's trials: the best meta-loss so far (its progress), as the accepted iterates are
+    key = "best_meta_loss" if res.get("search") else "meta_loss"
     points = [
-        (h["outer_step"], t, h["meta_loss"])
+        (h["outer_step"], t, h[key])
         for h, t in zip(res["history"], seconds, strict=True)
-        if h.get("meta_loss") is not None
+        if h.get(key) is not None
     ]
     if not points:
         return [], [], []
