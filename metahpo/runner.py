@@ -786,13 +786,11 @@ def format_table(results: dict[str, Any]) -> str:
         return text if sd is None or signed else f"{text} ± {fmt(sd)}"
 
     rows = [f"{'schedule':<18} {'test acc (%)':>22} {'test loss':>28}"]
-    for label, title in (
-        ("learned", "learned"),
-        ("baseline", "baseline"),
-        ("difference", "learned - baseline"),
-    ):
-        r = final.get(label) or {}
-        signed = label == "difference"
+    parts = [("learned", final.get("learned")), ("baseline", final.get("baseline"))]
+    parts += list((final.get("lr_free") or {}).items())  # beside the baseline
+    for title, part in [*parts, ("learned - baseline", final.get("difference"))]:
+        r = part or {}
+        signed = title == "learned - baseline"
         rows.append(
             f"{title:<18} {cell(r, 'test_accuracy', acc, signed):>22} "
             f"{cell(r, 'test_loss', loss, signed):>28}"
