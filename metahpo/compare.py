@@ -112,6 +112,7 @@ _NOT_A_SETTING = (
     "seed",
     "final.seeds",
     "final.baseline_cache",
+    "final.lr_free",
     "progress",
     "resume",
     "logger.",
@@ -178,7 +179,8 @@ def _settings(run: Run) -> dict[str, str]:
             flat[prefix[:-1]] = str(node)
 
     walk(OmegaConf.to_container(OmegaConf.load(path), resolve=True), "")
-    return {k: v for k, v in flat.items() if not k.startswith(_NOT_A_SETTING)}
+    ignored = _NOT_A_SETTING if run.results.get("search") else (*_NOT_A_SETTING, "search.")
+    return {k: v for k, v in flat.items() if not k.startswith(ignored)}
 
 
 def _label(runs: list[Run]) -> None:

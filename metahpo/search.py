@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from metahpo import distributed
 from metahpo.build import Objects, Setup, _instantiate, build
@@ -137,10 +138,23 @@ def search(
     results: dict[str, Any] = {}
     files: list[Path] = []
     failed = True
+    bar = tqdm(
+        total=budget,
+        desc=f"{name} on {setup.task.name}",
+        unit="step",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     try:
         while trials.spent + setup.schedule.horizon <= budget:
+            start = time.perf_counter()  # the sampler's time counts towards the trial's
             trial = study.ask()
-            trials.run(study, trial, propose(trial, setup.schedule, str(cfg.search.space)))
+            schedule = propose(trial, setup.schedule, str(cfg.search.space))
+            trials.run(study, trial, schedule, start)
+            bar.update(trials.history[-1]["inner_steps"])
+            if trials.best is not None:
+                bar.set_postfix(best_meta_loss=f"{trials.best:.4f}", trials=len(trials.history))
+        bar.close()
         best = min(trials.completed(), key=lambda h: h["meta_loss"], default=None)
         learned = None
         if best is not None:
@@ -207,8 +221,9 @@ class _Trials:
     def completed(self) -> list[dict[str, Any]]:
         return [h for h in self.history if h["meta_loss"] is not None]
 
-    def run(self, study: Any, trial: Any, schedule: HyperSchedule) -> None:
-        """Train ``schedule`` as ``trial`` of ``study``, tell the study its outcome, record it."""
+    def run(self, study: Any, trial: Any, schedule: HyperSchedule, start: float) -> None:
+        """Train ``schedule`` as ``trial`` of ``study``, tell the study its outcome, record it
+        (``seconds`` since ``start``)."""
         import optuna
         from optuna.trial import TrialState
 
@@ -225,7 +240,6 @@ class _Trials:
                 if not math.isfinite(loss) or trial.should_prune():
                     raise optuna.TrialPruned()
 
-        start = time.perf_counter()
         values = {n: v.tolist() for n, v in schedule.values.items()}
         entry: dict[str, Any] = {"outer_step": trial.number, "meta_loss": None}
         try:
