@@ -104,6 +104,9 @@ METRICS = (
     ),
     Metric("meta_loss", "selected/meta_loss", "meta-loss", fmt=".4g", spread_fmt=".2g"),
     Metric("outer_steps", "outer_steps", "outer steps", fmt="g", spread_fmt=".2g"),
+    Metric(
+        "inner_step_equivalents", "inner_step_equivalents", "inner-step equivalents", ".3g", ".2g"
+    ),
     Metric("wall_time_seconds", "wall_time_seconds", "wall time (s)", fmt=".1f", spread_fmt=".1f"),
     Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", ".1f", ".1f"),
 )

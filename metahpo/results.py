@@ -115,7 +115,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     seeds), the same for ``baseline/``; ``difference/test_accuracy`` and
     ``difference/test_loss`` (learned - baseline, paired per final seed; ``_std``,
     ``_ci95_low``, ``_ci95_high``); ``final_seeds``; ``outer_steps``, ``rejected_steps``,
-    ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``.
+    ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``;
+    ``inner_step_equivalents`` (:func:`spent_total`).
     Missing values (an interrupted or diverged run has no final evaluation; regression has no
     accuracy; one final seed has no spread) are left out.
     """
@@ -140,6 +141,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     if final.get("learned"):
         out["final_seeds"] = len(final["learned"].get("per_seed", []))
     out["selected/meta_loss"] = selected_meta_loss(results)
+    if results.get("history"):
+        out["inner_step_equivalents"] = spent_total(results)
     for key in (
         "outer_steps",
         "rejected_steps",
