@@ -116,6 +116,7 @@ _NOT_A_SETTING = (
     "final.seeds",
     "final.baseline_cache",
     "final.lr_free",
+    "search.sampler.seed",  # ${seed}
     "progress",
     "resume",
     "logger.",
