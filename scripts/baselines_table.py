@@ -3,14 +3,14 @@ side by side at their budgets, with the baseline and the learning-rate-free opti
 
     python scripts/baselines_table.py multirun/baselines/forward multirun/baselines/budget
 
-Per method (runs grouped by results.json's ``estimator`` and ``search.budget``): inner-step
-equivalents spent and wall time (means over the outer seeds), the reported schedule's
-meta-loss and test accuracy (mean ± sample sd over the outer seeds of each run's mean over its
-final seeds; in brackets the root-mean-square sd over the final seeds), and the inner-step
-equivalents each needed until its best meta-loss so far reached the best black-box method's
-(``--target``; median over the seeds that reached it). Then the baseline and every
-``final.lr_free`` optimiser, mean ± sd over the final seeds (they do not depend on the outer
-seed).
+Per method (runs grouped by results.json's ``estimator``, ``search.budget`` and
+``search.space``): inner-step equivalents spent and wall time (means over the outer seeds),
+the reported schedule's meta-loss and test accuracy (mean ± sample sd over the outer seeds of
+each run's mean over its final seeds; in brackets the root-mean-square sd over the final
+seeds), and the inner-step equivalents each needed until its best meta-loss so far reached the
+best black-box method's (``--target``; median over the seeds that reached it). Then the
+baseline and every ``final.lr_free`` optimiser, mean ± sd over the final seeds (they do not
+depend on the outer seed).
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ def main() -> None:
     runs = find_runs(args.dirs)
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
-        budget = (run.results.get("search") or {}).get("budget")
-        label = run.estimator + (f" (budget {budget})" if budget is not None else "")
+        search = run.results.get("search") or {}
+        label = run.estimator
+        if search:
+            space = ", one value per key" if search["space"] == "constant" else ""
+            label += f" (budget {search['budget']}{space})"
         groups.setdefault(label, []).append(run.results)
     means = {
         label: statistics.fmean(selected_meta_loss(r) for r in group)
