@@ -64,7 +64,8 @@ def main() -> None:
     }
     searched = [m for label, m in means.items() if any(r.get("search") for r in groups[label])]
     target = args.target if args.target is not None else min(searched, default=math.inf)
-    print(f"target meta-loss (best search, mean over its seeds): {target:.4g}\n")
+    how = "--target" if args.target is not None else "the best search's, mean over its seeds"
+    print(f"target meta-loss ({how}): {target:.4g}\n")
     print(
         "| method | outer seeds | inner-step equivalents | wall time (s) | meta-loss "
         "| test acc (%) | test loss | reached the target after |"
