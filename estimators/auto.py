@@ -106,6 +106,24 @@ def relative_cost(estimator: Any, schedule: HyperSchedule) -> tuple[float, str]:
     return REVERSE, name if name in known else "exact reverse (assumed)"
 
 
+def gradient_evaluations(estimator: Any, schedule: HyperSchedule) -> tuple[int, str]:
+    """Compute of one hypergradient of ``estimator`` in gradient evaluations (plain training
+    steps), by the count the model above states: forward mode ``1 + 2 c_t`` at step ``t`` with
+    ``c_t`` started columns (a Hessian-vector product costs about two), exact reverse 4 per step
+    (``auto``: the smaller; every other estimator is modelled as exact reverse); and the
+    estimator it was modelled as. Black-box searches spend their budget in the same unit
+    (metahpo/search.py)."""
+    name = str(getattr(estimator, "name", type(estimator).__name__))
+    forward = sum(1 + 2 * c for c in started_columns(schedule))
+    reverse = 4 * schedule.horizon
+    if name == "forward":
+        return forward, name
+    if name == "auto":
+        return min(forward, reverse), name
+    known = ("exact_reverse", "checkpointed_reverse", "truncated_reverse", "greedy", "reversible")
+    return reverse, name if name in known else "exact reverse (assumed)"
+
+
 def plain_step_seconds(task: Task, schedule: HyperSchedule, steps: int = 3) -> float:
     """Seconds of one plain training step of ``task``, timed over ``steps`` steps after a
     warm-up step (a probe of a few steps, nothing kept)."""

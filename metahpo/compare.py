@@ -104,6 +104,9 @@ METRICS = (
     ),
     Metric("meta_loss", "selected/meta_loss", "meta-loss", fmt=".4g", spread_fmt=".2g"),
     Metric("outer_steps", "outer_steps", "outer steps", fmt="g", spread_fmt=".2g"),
+    Metric(
+        "inner_step_equivalents", "inner_step_equivalents", "inner-step equivalents", ".3g", ".2g"
+    ),
     Metric("wall_time_seconds", "wall_time_seconds", "wall time (s)", fmt=".1f", spread_fmt=".1f"),
     Metric("peak_memory_mb", "estimator_peak_memory_mb", "peak memory (MB)", ".1f", ".1f"),
 )
@@ -112,6 +115,8 @@ _NOT_A_SETTING = (
     "seed",
     "final.seeds",
     "final.baseline_cache",
+    "final.lr_free",
+    "search.sampler.seed",  # ${seed}
     "progress",
     "resume",
     "logger.",
@@ -178,7 +183,8 @@ def _settings(run: Run) -> dict[str, str]:
             flat[prefix[:-1]] = str(node)
 
     walk(OmegaConf.to_container(OmegaConf.load(path), resolve=True), "")
-    return {k: v for k, v in flat.items() if not k.startswith(_NOT_A_SETTING)}
+    ignored = _NOT_A_SETTING if run.results.get("search") else (*_NOT_A_SETTING, "search.")
+    return {k: v for k, v in flat.items() if not k.startswith(ignored)}
 
 
 def _label(runs: list[Run]) -> None:

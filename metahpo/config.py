@@ -33,7 +33,7 @@ from metahpo.validation import (
     check_node,
 )
 
-GROUPS = ("task", "estimator", "optimizer", "schedule", "outer", "logger", "experiment")
+GROUPS = ("task", "estimator", "optimizer", "schedule", "outer", "logger", "search", "experiment")
 
 
 def config_dir() -> Path:
@@ -227,9 +227,24 @@ class _Outer(Node):
 
 class _Final(Node):
     seeds: Annotated[list[NonNegativeInt], at.MinLen(1)]
+    lr_free: Annotated[
+        list[Literal["schedulefree_sgd", "prodigy"]],
+        Field(description="learning-rate-free optimisers retrained beside the baseline"),
+    ] = []
     baseline_cache: Annotated[
         Annotated[str, at.MinLen(1)] | None, Allowed("auto, a directory or null (no cache)")
     ]
+
+
+class _Search(Node):
+    name: Annotated[Annotated[str, at.MinLen(1)] | None, Field(description="null: no search")]
+    budget: Annotated[
+        PositiveInt | None,
+        Field(description="inner-step equivalents; null: the hypergradient run's outer.budget"),
+    ]
+    space: Literal["schedule", "constant"]
+    sampler: dict[str, Any] | None  # plugins: checked against their classes
+    pruner: dict[str, Any] | None
 
 
 class _Distributed(Node):
@@ -262,6 +277,7 @@ class _Config(Node):
     schedule: dict[str, Any]
     logger: dict[str, Any]
     baseline: dict[str, Any]
+    search: _Search
 
 
 def check_writable(path: str | Path, key: str) -> None:
@@ -342,6 +358,10 @@ def validate(cfg: DictConfig) -> None:
         data["schedule"], horizon, optimizer, _loss_hyperparameters(data["task"]["_target_"])
     )
     _validate_baseline(cfg, optimizer)
+    if data["search"]["name"] is not None:
+        from metahpo.search import check_search  # it imports this module
+
+        check_search(data["search"], horizon, data["outer"])
     decay = OmegaConf.select(cfg, "baseline.lr_decay")
     if decay not in ("constant", "cosine"):
         raise ConfigError(f"baseline.lr_decay={decay!r} is unknown; allowed: constant, cosine")

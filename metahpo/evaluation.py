@@ -52,10 +52,19 @@ def ci95(values: Sequence[float]) -> list[float] | None:
     return [mean - half, mean + half]
 
 
-def retrain(task: Task, schedule: HyperSchedule, seed: int) -> dict[str, Any]:
-    """Train ``schedule`` from scratch with ``seed``; test and validation loss and accuracy."""
+def retrain(
+    task: Task, schedule: HyperSchedule, seed: int, lr_free: str | None = None
+) -> dict[str, Any]:
+    """Train ``schedule`` from scratch with ``seed`` (or, with ``lr_free``, that optimiser set
+    from ``schedule``: :mod:`metahpo.lrfree`); test and validation loss and accuracy."""
+    seeded = task.with_seed(int(seed))
     try:
-        flat, state = fit(task.with_seed(int(seed)), schedule)
+        if lr_free is None:
+            flat, state = fit(seeded, schedule)
+        else:
+            from metahpo.lrfree import fit_lr_free
+
+            flat, state = fit_lr_free(seeded, lr_free, schedule)
     except DivergenceError:
         return {"seed": int(seed), "diverged": True}
     test, val = flat.evaluate(state, "test"), flat.evaluate(state, "val")
@@ -132,17 +141,26 @@ def final_evaluation(
     cfg: DictConfig, task: Task, learned: HyperSchedule, baseline: HyperSchedule
 ) -> dict[str, Any]:
     """``final`` of results.json: ``learned`` and ``baseline`` (aggregates and ``per_seed``)
-    and their paired ``difference``."""
+    and their paired ``difference``; with ``final.lr_free``, ``lr_free``: per optimiser its
+    aggregates and ``per_seed`` (set from the baseline, cached with it)."""
     seeds = [int(s) for s in cfg.final.seeds]
     learned_runs = [retrain(task, learned, s) for s in seeds]
     cache = BaselineCache.from_config(cfg)
-    baseline_runs = []
-    for s in seeds:
+
+    def fixed(s: int, lr_free: str | None = None) -> dict[str, Any]:
+        """The baseline's (or a learning-rate-free optimiser's) run with seed ``s``."""
         if cache is None:
-            baseline_runs.append({**retrain(task, baseline, s), "cached": False})
-        else:
-            key = cache.key(cfg, task, baseline, s)
-            baseline_runs.append(cache.get_or_compute(key, lambda s=s: retrain(task, baseline, s)))
+            return {**retrain(task, baseline, s, lr_free), "cached": False}
+        key = cache.key(cfg, task, baseline, s)
+        if lr_free is not None:
+            key["lr_free"] = lr_free
+        return cache.get_or_compute(key, lambda: retrain(task, baseline, s, lr_free))
+
+    baseline_runs = [fixed(s) for s in seeds]
+    lr_free = {}
+    for name in OmegaConf.select(cfg, "final.lr_free") or ():
+        runs = [fixed(s, str(name)) for s in seeds]
+        lr_free[str(name)] = {**aggregate(runs), "per_seed": runs}
     return {
         "learned": {**aggregate(learned_runs), "per_seed": learned_runs},
         "baseline": {
@@ -151,6 +169,7 @@ def final_evaluation(
             "cache": str(cache.root) if cache is not None else None,
         },
         "difference": paired_difference(learned_runs, baseline_runs),
+        **({"lr_free": lr_free} if lr_free else {}),
     }
 
 

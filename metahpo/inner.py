@@ -341,10 +341,19 @@ def train(
     return state
 
 
-def fit(task: Task, schedule: HyperSchedule) -> tuple[FlatTask, InnerState]:
-    """Train from the task's initial parameters over the whole horizon with ``schedule``."""
+def fit(
+    task: Task,
+    schedule: HyperSchedule,
+    *,
+    step_fn: StepFn | None = None,
+    on_step: StepHook | None = None,
+) -> tuple[FlatTask, InnerState]:
+    """Train from the task's initial parameters over the whole horizon with ``schedule``
+    (``step_fn`` and ``on_step`` as for :func:`train`)."""
     flat = FlatTask(task)
     steps = Steps(flat, schedule)
     with torch.no_grad():
-        state = train(flat, steps, steps.init_state(flat), schedule.horizon)
+        state = train(
+            flat, steps, steps.init_state(flat), schedule.horizon, step_fn=step_fn, on_step=on_step
+        )
     return flat, state

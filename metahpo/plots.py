@@ -125,18 +125,22 @@ def _band(ax: Any, x: Sequence[float], ys: Sequence[Sequence[float]], **style: A
         )
 
 
-def _curves(res: dict[str, Any]) -> tuple[list[int], list[float], list[float]]:
-    """Outer steps, cumulative seconds in hypergradients, meta-loss of one run's history."""
+def _curves(res: dict[str, Any]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Outer steps, cumulative seconds in hypergradients, meta-loss, and cumulative inner-step
+    equivalents (:func:`metahpo.results.spent_curve`) of one run's history."""
     seconds = list(itertools.accumulate(h.get("seconds") or 0.0 for h in res["history"]))
+    spent = results_lib.spent_curve(res)
+    # a search's trials: the best meta-loss so far (its progress), as the accepted iterates are
+    key = "best_meta_loss" if res.get("search") else "meta_loss"
     points = [
-        (h["outer_step"], t, h["meta_loss"])
-        for h, t in zip(res["history"], seconds, strict=True)
-        if h.get("meta_loss") is not None
+        (h["outer_step"], t, h[key], b)
+        for h, t, b in zip(res["history"], seconds, spent, strict=True)
+        if h.get(key) is not None
     ]
     if not points:
-        return [], [], []
-    steps, times, losses = zip(*points, strict=True)
-    return list(steps), list(times), list(losses)
+        return [], [], [], []
+    steps, times, losses, budget = zip(*points, strict=True)
+    return list(steps), list(times), list(losses), list(budget)
 
 
 def _baseline_val_loss(group: Sequence[dict[str, Any]]) -> float | None:
@@ -148,18 +152,19 @@ def _baseline_val_loss(group: Sequence[dict[str, Any]]) -> float | None:
 def plot_meta_loss_comparison(
     runs: Mapping[str, Sequence[dict[str, Any]]], path: Path, title: str = ""
 ) -> Path:
-    """Meta-loss against outer step (left) and against the time spent in hypergradients so far
-    (right): one row per task, one colour per label (estimator) with the mean over its runs
-    (outer-loop seeds) as a line and their range as a band; the baseline's validation loss
-    (mean over final seeds) as a dashed black line.
+    """Meta-loss against outer step (left), against the time spent in hypergradients (or a
+    search's trials) so far (middle) and against the inner-step equivalents spent so far
+    (right, log; :func:`metahpo.results.spent_curve`): one row per task, one colour per label
+    (estimator) with the mean over its runs (outer-loop seeds) as a line and their range as a
+    band; the baseline's validation loss (mean over final seeds) as a dashed black line.
 
     Args:
         runs: label -> the results dicts of its runs.
     """
     tasks = _tasks(runs)
     styles = _styles(runs)
-    fig, axes = _panels(2, rows=len(tasks), width=5.0, height=3.6)
-    for (ax_step, ax_time), task in zip(axes, tasks, strict=True):
+    fig, axes = _panels(3, rows=len(tasks), width=5.0, height=3.6)
+    for (ax_step, ax_time, ax_spent), task in zip(axes, tasks, strict=True):
         for label, group in sorted(runs.items()):
             mine = [_curves(r) for r in group if r["task"] == task]
             mine = [c for c in mine if c[0]]
@@ -172,8 +177,10 @@ def plot_meta_loss_comparison(
             _band(ax_step, steps, [c[2][:n] for c in mine], label=legend, **style)
             times = np.mean([c[1][:n] for c in mine], axis=0)
             _band(ax_time, list(times), [c[2][:n] for c in mine], **style)
+            spent = np.mean([c[3][:n] for c in mine], axis=0)
+            _band(ax_spent, list(spent), [c[2][:n] for c in mine], **style)
         baseline = _baseline_val_loss([r for g in runs.values() for r in g if r["task"] == task])
-        for ax in (ax_step, ax_time):
+        for ax in (ax_step, ax_time, ax_spent):
             if baseline is not None:
                 ax.axhline(
                     baseline,
@@ -187,7 +194,9 @@ def plot_meta_loss_comparison(
             ax.grid(alpha=0.3, which="both")
         ax_step.set_xlabel("outer step")
         ax_step.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_time.set_xlabel("time in hypergradients (s, mean over seeds)")
+        ax_time.set_xlabel("time in hypergradients or trials (s, mean over seeds)")
+        ax_spent.set_xscale("log")
+        ax_spent.set_xlabel("inner-step equivalents spent (log, mean over seeds)")
     _legend_outside(fig, axes[0][0])
     return _save(fig, path, title)
 

@@ -55,6 +55,50 @@ def selected_meta_loss(results: dict[str, Any]) -> float | None:
     return None if entry is None else entry.get("meta_loss")
 
 
+def _run_costs(results: dict[str, Any]) -> tuple[int, int]:
+    """An outer loop's modelled cost of one estimate and of one plain score, in inner-step
+    equivalents, over all its inner seeds."""
+    from types import SimpleNamespace
+
+    from metahpo.estimators.auto import gradient_evaluations
+
+    schedule = HyperSchedule.from_dict(results["horizon"], results["initial_schedule"])
+    per_run, _ = gradient_evaluations(SimpleNamespace(name=results["estimator"]), schedule)
+    seeds = len((results.get("outer_loop") or {}).get("seeds") or [0])
+    return per_run * seeds, int(results["horizon"]) * seeds
+
+
+def spent_curve(results: dict[str, Any]) -> list[float]:
+    """Inner-step equivalents (plain training steps) spent up to and including each history
+    entry: a search records them (``spent``); for an outer loop they are modelled, each estimate
+    (rejected ones too) at :func:`metahpo.estimators.auto.gradient_evaluations` of its estimator
+    and each plain score at the horizon, per inner seed (docs/baselines.md)."""
+    history = results.get("history") or []
+    if all("spent" in h for h in history):
+        return [float(h["spent"]) for h in history]
+    estimate, score = _run_costs(results)
+    rejected: dict[int, int] = {}
+    for r in results.get("rejections") or []:
+        rejected[r["outer_step"]] = rejected.get(r["outer_step"], 0) + 1
+    total, out = 0.0, []
+    for h in history:
+        total += rejected.pop(h["outer_step"], 0) * estimate  # tried before this entry
+        total += estimate if h.get("hypergradient") is not None else score
+        out.append(total)
+    return out
+
+
+def spent_total(results: dict[str, Any]) -> float:
+    """Inner-step equivalents the whole run spent (:func:`spent_curve`'s last value, plus an
+    outer loop's estimates rejected after its last entry)."""
+    if results.get("search"):
+        return float(results["search"]["spent"])
+    curve = spent_curve(results)
+    last = max((h["outer_step"] for h in results.get("history") or []), default=-1)
+    late = sum(1 for r in results.get("rejections") or [] if r["outer_step"] > last)
+    return (curve[-1] if curve else 0.0) + late * _run_costs(results)[0]
+
+
 def schedule_scalars(values: dict[str, list[float]]) -> dict[str, float]:
     """A schedule's values as flat scalars, ``<type>/<segment>`` (``lr/3``), for trackers."""
     return {f"{n}/{i}": v for n, vals in values.items() for i, v in enumerate(vals)}
@@ -71,7 +115,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     seeds), the same for ``baseline/``; ``difference/test_accuracy`` and
     ``difference/test_loss`` (learned - baseline, paired per final seed; ``_std``,
     ``_ci95_low``, ``_ci95_high``); ``final_seeds``; ``outer_steps``, ``rejected_steps``,
-    ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``.
+    ``stopped``, ``wall_time_seconds``, ``estimator_seconds``, ``estimator_peak_memory_mb``;
+    ``inner_step_equivalents`` (:func:`spent_total`).
     Missing values (an interrupted or diverged run has no final evaluation; regression has no
     accuracy; one final seed has no spread) are left out.
     """
@@ -96,6 +141,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     if final.get("learned"):
         out["final_seeds"] = len(final["learned"].get("per_seed", []))
     out["selected/meta_loss"] = selected_meta_loss(results)
+    if results.get("history"):
+        out["inner_step_equivalents"] = spent_total(results)
     for key in (
         "outer_steps",
         "rejected_steps",

@@ -22,7 +22,7 @@ from metahpo.config import check_writable
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, HypergradientEstimator, Task
 from metahpo.device import CostMeter, rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
-from metahpo.inner import fit
+from metahpo.inner import StepHook, fit
 from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
@@ -58,13 +58,16 @@ def hypergradient(
     return setup.estimator.hypergradient(setup.task, setup.schedule)
 
 
-def meta_loss(task: Task, schedule: HyperSchedule) -> dict[str, float | None]:
-    """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives).
+def meta_loss(
+    task: Task, schedule: HyperSchedule, on_step: StepHook | None = None
+) -> dict[str, float | None]:
+    """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives;
+    ``on_step`` as for :func:`metahpo.inner.train`).
 
     Raises:
         DivergenceError: the run or its validation loss is not finite.
     """
-    flat, state = fit(task, schedule)
+    flat, state = fit(task, schedule, on_step=on_step)
     out = flat.evaluate(state, "val")
     if not math.isfinite(out["loss"]):
         raise DivergenceError("inner training diverged: the validation loss is not finite")
@@ -105,6 +108,15 @@ def run(
     """
     objects = Objects(task=task, estimator=estimator, outer=outer)
     cfg = with_objects(cfg, objects)
+    if cfg.search.name is not None:  # a black-box search instead of the outer loop
+        from metahpo.search import search
+
+        if estimator is not None or outer is not None:
+            raise ConfigError(
+                f"search={cfg.search.name}: a search uses neither an estimator nor an outer "
+                "optimiser; pass task= only"
+            )
+        return search(cfg, output_dir, task=task)
     distributed.join(cfg)
     if distributed.world_size() > 1:
         cfg, output_dir = _rank_view(cfg, output_dir)
@@ -131,7 +143,7 @@ def run(
         except KeyboardInterrupt:
             loop.stopped = "interrupted"
             results = _results(cfg, setup, loop, None, loop.wall())
-            files = _write(out_dir, results, setup, loop)
+            files = write_outputs(out_dir, results, setup, loop.learned)
             where = f" resume={out_dir}" if out_dir else ""
             log.warning(
                 "interrupted after %d outer steps; continue with%s", len(loop.history), where
@@ -139,7 +151,7 @@ def run(
             raise
         final = None if loop.learned is None else _final_evaluation(cfg, setup, loop.learned)
         results = _results(cfg, setup, loop, final, loop.wall())
-        files = _write(out_dir, results, setup, loop)
+        files = write_outputs(out_dir, results, setup, loop.learned)
         if loop.learned is None:
             where = f"; results so far: {out_dir / 'results.json'}" if out_dir else ""
             raise DivergenceError(f"{loop.message}{where}")
@@ -651,14 +663,7 @@ def _results(
     wall: float,
 ) -> dict[str, Any]:
     return {
-        "schema_version": SCHEMA_VERSION,
-        "estimator": _estimator_name(setup),
-        "task": setup.task.name,
-        "seed": int(cfg.seed),
-        "horizon": int(cfg.horizon),
-        "device": str(setup.task.device),
-        "dtype": str(cfg.dtype),
-        "world_size": distributed.world_size(),
+        **results_header(cfg, setup, _estimator_name(setup)),
         "stopped": loop.stopped,
         "outer_steps": loop.k,
         "rejected_steps": len(loop.rejections),
@@ -678,14 +683,35 @@ def _results(
             "inner_runs": loop.inner_runs,
         },
         "learned_schedule": loop.learned.to_dict() if loop.learned is not None else None,
-        "initial_schedule": setup.schedule.to_dict(),
-        "optimizer": str(cfg.optimizer._target_),
-        "baseline_schedule": {"config": baseline_config(cfg)},
+        **results_schedules(cfg, setup),
         "history": loop.history,
         "final": final,
         "estimator_seconds": sum(h["seconds"] for h in loop.history if h.get("hypergradient")),
         "estimator_peak_memory_mb": _steady_peak(loop.history),
         "wall_time_seconds": wall,
+    }
+
+
+def results_header(cfg: DictConfig, setup: Setup, name: str) -> dict[str, Any]:
+    """The first keys of results.json: what ran (``name``: the estimator's or search's), where."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "estimator": name,
+        "task": setup.task.name,
+        "seed": int(cfg.seed),
+        "horizon": int(cfg.horizon),
+        "device": str(setup.task.device),
+        "dtype": str(cfg.dtype),
+        "world_size": distributed.world_size(),
+    }
+
+
+def results_schedules(cfg: DictConfig, setup: Setup) -> dict[str, Any]:
+    """results.json's initial schedule, inner optimiser and baseline."""
+    return {
+        "initial_schedule": setup.schedule.to_dict(),
+        "optimizer": str(cfg.optimizer._target_),
+        "baseline_schedule": {"config": baseline_config(cfg)},
     }
 
 
@@ -695,9 +721,10 @@ def _steady_peak(history: list[dict[str, Any]]) -> float | None:
     return max(peaks[1:] or peaks, default=None)
 
 
-def _write(
-    out_dir: Path | None, results: dict[str, Any], setup: Setup, loop: _OuterLoop
+def write_outputs(
+    out_dir: Path | None, results: dict[str, Any], setup: Setup, learned: HyperSchedule | None
 ) -> list[Path]:
+    """results.json, schedules.png and meta_loss.png into ``out_dir`` (nothing when None)."""
     if out_dir is None:
         return []
     path = out_dir / "results.json"
@@ -712,7 +739,7 @@ def _write(
                 label: schedule
                 for label, schedule in (
                     ("initial", setup.schedule),
-                    ("learned", loop.learned),
+                    ("learned", learned),
                     ("baseline", setup.baseline),
                 )
                 if schedule is not None
@@ -721,13 +748,13 @@ def _write(
             title,
         )
     )
-    if loop.history:
+    if results["history"]:
         files.append(
             plot_history(
-                loop.history,
+                results["history"],
                 out_dir / "meta_loss.png",
                 title,
-                selected=loop.selected,
+                selected=results["selected_outer_step"],
                 baseline=((results.get("final") or {}).get("baseline") or {}).get("val_loss"),
             )
         )
@@ -759,13 +786,11 @@ def format_table(results: dict[str, Any]) -> str:
         return text if sd is None or signed else f"{text} ± {fmt(sd)}"
 
     rows = [f"{'schedule':<18} {'test acc (%)':>22} {'test loss':>28}"]
-    for label, title in (
-        ("learned", "learned"),
-        ("baseline", "baseline"),
-        ("difference", "learned - baseline"),
-    ):
-        r = final.get(label) or {}
-        signed = label == "difference"
+    parts = [("learned", final.get("learned")), ("baseline", final.get("baseline"))]
+    parts += list((final.get("lr_free") or {}).items())  # beside the baseline
+    for title, part in [*parts, ("learned - baseline", final.get("difference"))]:
+        r = part or {}
+        signed = title == "learned - baseline"
         rows.append(
             f"{title:<18} {cell(r, 'test_accuracy', acc, signed):>22} "
             f"{cell(r, 'test_loss', loss, signed):>28}"
@@ -774,9 +799,22 @@ def format_table(results: dict[str, Any]) -> str:
         f"mean ± sample sd over {n} final seed(s); difference: paired per seed, "
         "[95% CI] over the seeds"
     )
+    search = results.get("search")
+    if search is not None:
+        spent = (
+            f"{search['trials']} trials ({search['completed']} completed, {search['pruned']} "
+            f"pruned, {search['diverged']} diverged), {search['spent']} of {search['budget']} "
+            "inner-step equivalents"
+        )
+    else:
+        spent = f"{results['outer_steps']} outer steps ({results['stopped']})"
     rows.append(
-        f"{results['estimator']} on {results['task']}: {results['outer_steps']} outer steps "
-        f"({results['stopped']}), wall time {results['wall_time_seconds']:.1f} s"
-        + (f", {results['rejected_steps']} rejected step(s)" if results["rejected_steps"] else "")
+        f"{results['estimator']} on {results['task']}: {spent}, wall time "
+        f"{results['wall_time_seconds']:.1f} s"
+        + (
+            f", {results['rejected_steps']} rejected step(s)"
+            if results["rejected_steps"] and search is None
+            else ""
+        )
     )
     return "\n".join(rows)
