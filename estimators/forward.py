@@ -365,7 +365,8 @@ def sgd_propagate(
     """
     values = steps.values(t)
     theta, (v,) = steps.step(t, st.theta, st.opt_state, g, values)
-    lr, mu, wd = values["lr"], values["momentum"], values["weight_decay"]
+    h = steps.expand(values)  # names the schedule omits at the optimiser's defaults
+    lr, mu, wd = h["lr"], h["momentum"], h["weight_decay"]
     Y.mul_(mu).add_(HZ).addcmul_(Z, wd)
     if (i := in_force.get("momentum")) is not None:
         Y[i].add_(st.opt_state[0])

@@ -68,7 +68,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
     # parameterisations and loss hyperparameters (docs/parameterisations.md), the new loop
     **{
-        f"schedule-{name}": {"digits": [f"schedule={name}"]}
+        f"schedule-{name}": {"digits": [f"schedule={name}"], "mnist28": [f"schedule={name}"]}
         for name in ("log", "linear", "warmup_cosine", "loss")
     },
 }
