@@ -15,8 +15,9 @@ is off by up to n units) and pushes the index of the lost remainder among the ~2
 are possible; ``unmul`` pops it and divides exactly. The buffer (:class:`InfoBuffer`) keeps
 the digits of each parameter in mixed radix in an int64 state, flushed whole to a stack of
 int64 words when the next digit could overflow it, so a push or pop is O(1) tensor operations
-of size P; it grows by about ``log2(2^D / n) = log2(1/mu)`` bits per parameter per step. At steps whose momentum is below ``store_below`` the velocity ``V_t`` is
-stored outright instead (64 bits per parameter; momentum 0 destroys all of it).
+of size P; it grows by about ``log2(2^D / n) = log2(1/mu)`` bits per parameter per step. At
+steps whose momentum is below ``store_below`` the velocity ``V_t`` is stored outright instead
+(64 bits per parameter; momentum 0 destroys all of it).
 """
 
 from __future__ import annotations
