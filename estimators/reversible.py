@@ -142,6 +142,7 @@ class Reversible:
 
     name = "reversible"
     data_parallel = False
+    buffer = InfoBuffer  # the information buffer's class (benchmarks.reversible swaps it)
 
     def __init__(
         self,
@@ -231,7 +232,7 @@ class Reversible:
         W = self._q(start.theta, 0, "initial weights")
         V = torch.zeros_like(W)
         W0 = W.clone()
-        buf = InfoBuffer(P, dev)
+        buf = self.buffer(P, dev)
         stored: list[Tensor] = []
         ints = {"W": W, "V": V}
         bound_bits = 0.0
