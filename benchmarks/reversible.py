@@ -12,7 +12,13 @@
 - ``--lenet-reversal T``: whether the reverse sweep on LeNet over T steps with momenta cycling
   0 .. 0.99 ends at the quantised initial weights and a zero velocity bit for bit;
 - the buffer's bits per parameter per step beside log2(1/momentum) for momentum 0.5, 0.9 and
-  0.99, and the relative distance of the fixed-point run's final weights from the float run's.
+  0.99, and the relative distance of the fixed-point run's final weights from the float run's;
+- ``--scaling T ...``: per digits horizon, one after the other in this process, ``reversible``,
+  ``reversible`` with the previous information buffer (:class:`LimbBuffer`, up to
+  ``--limb-max``), ``checkpointed_reverse`` (default stretch round(sqrt(T))) and ``forward``,
+  all on a schedule that learns lr only (one column), with seconds and peak as ratios to
+  ``reversible``'s; ``--repeats N`` runs the four in N interleaved rounds at horizons up to
+  ``--repeats-max`` and keeps the least seconds.
 
 Digits: MLP 64-128-10, ReLU, batch 128, float32 unless stated; lr 0.1, momentum 0.9, weight
 decay 1e-4 everywhere but the reversal check.
@@ -26,6 +32,7 @@ import math
 
 import torch
 
+from metahpo.estimators.checkpointed_reverse import CheckpointedReverse
 from metahpo.estimators.exact_reverse import ExactReverse
 from metahpo.estimators.forward import ForwardMode
 from metahpo.estimators.reversible import Reversible
@@ -35,6 +42,64 @@ from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.digits import Digits
 from metahpo.tasks.models import LeNet
+
+
+class LimbBuffer:
+    """The information buffer reversible learning had first, kept to measure against: one
+    integer per element as 31-bit limbs ``[limbs, P]``, each push and pop a Python loop over
+    all the limbs (O(T) per step, O(T^2) per run)."""
+
+    BITS = 31
+
+    def __init__(self, n: int, device: torch.device | str) -> None:
+        self.limbs = torch.zeros(0, n, dtype=torch.int64, device=device)
+
+    def push(self, r: torch.Tensor, m: torch.Tensor) -> None:
+        carry, rows = r, []
+        for limb in self.limbs:
+            cur = limb * m + carry
+            rows.append(cur & ((1 << self.BITS) - 1))
+            carry = cur >> self.BITS
+        if bool((carry != 0).any()):
+            rows.append(carry)
+        self.limbs = torch.stack(rows) if rows else self.limbs
+
+    def pop(self, m: torch.Tensor) -> torch.Tensor:
+        if not len(self.limbs):
+            return torch.zeros((), dtype=torch.int64, device=self.limbs.device)
+        rem, rows = torch.zeros_like(self.limbs[0]), []
+        for limb in reversed(self.limbs):
+            cur = (rem << self.BITS) + limb
+            rows.append(torch.div(cur, m, rounding_mode="floor"))
+            rem = torch.remainder(cur, m)
+        rows.reverse()
+        while rows and not bool(rows[-1].any()):
+            rows.pop()
+        self.limbs = torch.stack(rows) if rows else self.limbs[:0]
+        return rem
+
+    def empty(self) -> bool:
+        return not bool(self.limbs.any())
+
+    @property
+    def nbytes(self) -> int:
+        return self.limbs.numel() * 8
+
+    def bits(self) -> torch.Tensor:
+        """The bit length of each element's integer (float64 [P])."""
+        if not len(self.limbs):
+            return torch.zeros(self.limbs.shape[1], dtype=torch.float64)
+        nz = self.limbs != 0
+        top = torch.where(nz.any(0), len(self.limbs) - 1 - nz.flip(0).to(torch.int8).argmax(0), -1)
+        limb = self.limbs.gather(0, top.clamp(min=0).unsqueeze(0)).squeeze(0).to(torch.float64)
+        length = torch.where(limb > 0, torch.floor(torch.log2(limb.clamp(min=1))) + 1, 0.0)
+        return torch.where(top >= 0, top * self.BITS + length, 0.0)
+
+
+class LimbReversible(Reversible):
+    """``reversible`` with :class:`LimbBuffer` (for ``--scaling``'s comparison only)."""
+
+    buffer = LimbBuffer
 
 
 def lenet_digits(
@@ -77,6 +142,14 @@ def schedule(
     return HyperSchedule(horizon, specs, values, SGD())
 
 
+def one_column(horizon: int) -> HyperSchedule:
+    """:func:`schedule` with lr learned (one segment: one forward-mode column) and momentum 0.9
+    and weight decay 1e-4 fixed."""
+    s = schedule(horizon, 0.9)
+    specs = {k: HyperSpec(1, (0.0, 1.0), learn=k == "lr") for k in s.values}
+    return HyperSchedule(horizon, specs, s.values, SGD())
+
+
 def split_columns(columns: int) -> tuple[int, int, int]:
     """``columns`` forward-mode columns as segments of lr, momentum, weight decay (10: 4, 3, 3)."""
     base, extra = divmod(columns, 3)
@@ -102,11 +175,21 @@ def cost_row(task_name: str, name: str, est, task, sched: HyperSchedule, **extra
     row = {"task": task_name, "estimator": name, "T": sched.horizon, **extra}
     row["seconds"] = round(hg.seconds, 2)
     row["peak_MiB"] = round(hg.peak_memory / 2**20, 2)
-    if name == "reversible":
+    if name.startswith("reversible"):
+        row["bits_per_param_step"] = round(hg.metrics["buffer_bits_per_param_step"], 4)
         row["buffer_MiB"] = round(hg.metrics["buffer_bytes"] / 2**20, 3)
         row["stored_velocity_MiB"] = round(hg.metrics["stored_velocity_bytes"] / 2**20, 3)
     print(row, flush=True)
     return row
+
+
+def least(a: dict, b: dict) -> dict:
+    """Of two runs' rows, the least seconds and the largest peak (the machine is shared)."""
+    return {
+        **a,
+        "seconds": min(a["seconds"], b["seconds"]),
+        "peak_MiB": max(a["peak_MiB"], b["peak_MiB"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,14 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns-max", type=int, default=800, help="longest horizon for --columns")
     p.add_argument("--lenet", type=int, nargs="*", default=[], help="LeNet horizons")
     p.add_argument("--lenet-reversal", type=int, default=0, help="LeNet reversal check horizon")
+    p.add_argument("--scaling", type=int, nargs="*", default=[], help="1-column horizons")
+    p.add_argument("--repeats", type=int, default=1, help="--scaling rounds (least seconds)")
+    p.add_argument("--repeats-max", type=int, default=800, help="longest horizon repeated")
+    p.add_argument("--limb-max", type=int, default=3200, help="longest --scaling limb run")
     p.add_argument("--no-bits", action="store_true")
     p.add_argument("--no-distance", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    rows: dict[str, list] = {"cost": [], "bits": [], "distance": [], "reversal": []}
-    for est in (Reversible(), ExactReverse(), ForwardMode()):  # warm-up: first-call costs
+    rows: dict[str, list] = {"cost": [], "scaling": [], "bits": [], "distance": [], "reversal": []}
+    for est in (Reversible(), ExactReverse(), ForwardMode(), CheckpointedReverse()):  # warm-up
         est.hypergradient(Digits(), schedule(20, 0.9))
+    for T in args.scaling:
+        ests = [("reversible", Reversible())]
+        ests += [("reversible (limb buffer)", LimbReversible())] if T <= args.limb_max else []
+        ests += [("checkpointed_reverse", CheckpointedReverse()), ("forward", ForwardMode())]
+        got: list[dict] = []
+        for _ in range(args.repeats if T <= args.repeats_max else 1):  # rounds, interleaved
+            new = [cost_row("digits", n, e, Digits(), one_column(T), columns=1) for n, e in ests]
+            got = new if not got else [least(a, b) for a, b in zip(got, new, strict=True)]
+        for row in got:
+            rev = got[0]
+            row["s_x_rev"] = round(row["seconds"] / rev["seconds"], 2)
+            row["MiB_x_rev"] = round(row["peak_MiB"] / rev["peak_MiB"], 2)
+            rows["scaling"].append(row)
+            print("scaling", row, flush=True)
     for T in args.horizons:
         for name, est in (
             ("reversible", Reversible()),

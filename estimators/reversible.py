@@ -12,11 +12,12 @@ and the reverse sweep undoes it exactly: ``W_t = W_{t+1} + Q(lr v_{t+1})``, reco
 ``w_t``, ``V_t = unmul(V_{t+1} - D_t)``. ``mul`` rounds ``V n / 2^D`` down (error below one
 unit of the radix, unlike Maclaurin et al.'s push-base-2^D / pop-base-n product, whose result
 is off by up to n units) and pushes the index of the lost remainder among the ~2^D/n that
-are possible; ``unmul`` pops it and divides exactly. The buffer is one mixed-radix non-negative
-integer per parameter, stored as little-endian limbs of 31 bits in an int64 tensor
-``[limbs, P]`` (:class:`InfoBuffer`); it grows by ``log2(2^D / n) = log2(1/mu)`` bits per
-parameter per step. At steps whose momentum is below ``store_below`` the velocity ``V_t`` is
-stored outright instead (64 bits per parameter; momentum 0 destroys all of it).
+are possible; ``unmul`` pops it and divides exactly. The buffer (:class:`InfoBuffer`) keeps
+the digits of each parameter in mixed radix in an int64 state, flushed whole to a stack of
+int64 words when the next digit could overflow it, so a push or pop is O(1) tensor operations
+of size P; it grows by about ``log2(2^D / n) = log2(1/mu)`` bits per parameter per step. At
+steps whose momentum is below ``store_below`` the velocity ``V_t`` is stored outright instead
+(64 bits per parameter; momentum 0 destroys all of it).
 """
 
 from __future__ import annotations
@@ -36,58 +37,73 @@ from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule, split_key
 from metahpo.validation import Positive, checked
 
-LIMB_BITS = 31
-_MASK = (1 << LIMB_BITS) - 1
 CAN = "forward, exact_reverse, truncated_reverse or greedy"
 
 
 class InfoBuffer:
-    """One non-negative integer per element, in mixed radix, as int64 limbs of 31 bits.
+    """A stack of digits in mixed radix per element: constant work per push and pop.
 
-    :meth:`push` appends a digit ``r`` in base ``m`` (``s <- s m + r``), :meth:`pop` removes one
-    (``r = s mod m``, ``s <- s div m``); both are exact inverses of each other for any bases
-    ``1 <= m <= 2^31`` (scalar or per element) and work on all elements at once, with a Python
-    loop over the limbs only (cost O(limbs) tensor operations of size P).
+    Each element keeps a state ``x`` (int64) holding the digits pushed since its last flush
+    behind a sentinel 1 (``x = 1`` is empty), and a stack of full states (``words``, int64
+    ``[rows, P]``, element ``e``'s words in rows ``0 .. count[e] - 1``). :meth:`push` appends a
+    digit ``r`` in base ``m`` (``x <- x m + r``); where that could pass 2^63 (``x >= (2^63 - 1)
+    div m``) it first writes ``x`` to row ``count`` and restarts at ``x = 1``. :meth:`pop` is the
+    exact inverse: ``r = x mod m``, ``x <- x div m``, and where that leaves ``x = 1`` with words
+    below, it reads the top word back (a flushed element is left at ``m + r >= 2`` after its
+    push, so ``x = 1`` with words below happens exactly where the push flushed). Bases
+    ``1 <= m <= 2^31``, scalar or per element; both vectorised over the elements, O(1) tensor
+    operations of size P each (the rows double when full; the maximum count is read only when
+    the pushes since the last read could have filled them).
     """
 
     def __init__(self, n: int, device: torch.device | str) -> None:
-        self.limbs = torch.zeros(0, n, dtype=torch.int64, device=device)
+        self.x = torch.ones(n, dtype=torch.int64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.words = torch.zeros(1, n, dtype=torch.int64, device=device)
+        self._cols = torch.arange(n, device=device)
+        self._top = torch.tensor(2**63 - 1, dtype=torch.int64, device=device)
+        self._free = 1  # pushes that surely fit: at most rows - max(count)
 
     def push(self, r: Tensor, m: Tensor) -> None:
-        carry = r
-        rows = []
-        for limb in self.limbs:
-            cur = limb * m + carry
-            rows.append(cur & _MASK)
-            carry = cur >> LIMB_BITS
-        if bool((carry != 0).any()):
-            rows.append(carry)
-        self.limbs = torch.stack(rows) if rows else self.limbs
+        if self._free == 0:
+            self._grow()
+        flush = self.x >= torch.div(self._top, m, rounding_mode="floor")
+        self.words[self.count, self._cols] = self.x  # above each element's top: harmless
+        self.count += flush.long()
+        self.x = torch.where(flush, 1, self.x) * m + r
+        self._free -= 1
 
     def pop(self, m: Tensor) -> Tensor:
-        rem = torch.zeros_like(self.limbs[0]) if len(self.limbs) else None
-        if rem is None:
-            return torch.zeros((), dtype=torch.int64, device=self.limbs.device)
-        rows = []
-        for limb in reversed(self.limbs):
-            cur = (rem << LIMB_BITS) + limb
-            rows.append(torch.div(cur, m, rounding_mode="floor"))
-            rem = torch.remainder(cur, m)
-        rows.reverse()
-        while rows and not bool(rows[-1].any()):
-            rows.pop()
-        self.limbs = torch.stack(rows) if rows else self.limbs[:0]
-        return rem
+        r = torch.remainder(self.x, m)
+        x = torch.div(self.x, m, rounding_mode="floor")
+        load = (x == 1) & (self.count > 0)
+        self.count -= load.long()
+        top = self.words[self.count.clamp(max=len(self.words) - 1), self._cols]
+        self.x = torch.where(load, top, x)
+        return r
+
+    def _grow(self) -> None:
+        rows = len(self.words)
+        used = int(self.count.max()) if self.count.numel() else 0
+        if used == rows:
+            more = torch.zeros_like(self.words[: max(rows, 1)])
+            self.words = torch.cat([self.words, more])
+        self._free = len(self.words) - used
+
+    def empty(self) -> bool:
+        """Whether every element is back at the empty state."""
+        return not bool(self.count.any()) and bool((self.x == 1).all())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: the words' rows, the states and the counts."""
+        return (self.words.numel() + self.x.numel() + self.count.numel()) * 8
 
     def bits(self) -> Tensor:
-        """Bits held per element (float64 [P]): the bit length of each element's integer."""
-        if not len(self.limbs):
-            return torch.zeros(self.limbs.shape[1], dtype=torch.float64)
-        nz = self.limbs != 0
-        top = torch.where(nz.any(0), len(self.limbs) - 1 - nz.flip(0).to(torch.int8).argmax(0), -1)
-        limb = self.limbs.gather(0, top.clamp(min=0).unsqueeze(0)).squeeze(0).to(torch.float64)
-        length = torch.where(limb > 0, torch.floor(torch.log2(limb.clamp(min=1))) + 1, 0.0)
-        return torch.where(top >= 0, top * LIMB_BITS + length, 0.0).cpu()
+        """Bits stored per element (float64 [P]): 64 per word, plus the state's digits (its
+        bit length less the sentinel)."""
+        length = sum(((self.x >> j) != 0).to(torch.float64) for j in range(1, 63))
+        return (64 * self.count.to(torch.float64) + length).cpu()
 
 
 @checked("estimator")
@@ -107,11 +123,11 @@ class Reversible:
     differ from a float64 run by ~1e-13 relative; docs/estimators.md).
     Memory: constant in the horizon except the information buffer, about ``log2(1/mu)`` bits
     per parameter per step (0.15 at mu = 0.9; ``metrics['buffer_bits_per_param_step']``), held
-    in 31-bit limbs, plus 64 bits per parameter for every step with momentum below
+    in 64-bit words, plus 64 bits per parameter for every step with momentum below
     ``store_below``. No per-step weights, no graph, one step's activations.
     Compute: forward one gradient per step; reverse one gradient and one Hessian-vector product
-    per step, plus O(buffer limbs) integer operations on P numbers per step; independent of the
-    number of shared values.
+    per step, plus O(1) integer operations on P numbers per step for the buffer; independent of
+    the number of shared values.
     Refuses (one-line ConfigError, before training): optimisers other than SGD, Nesterov
     momentum (the update reads d(w_t) after w_t has been overwritten), hyperparameters of the
     training loss (they would need the mixed second derivative), tasks with batch-norm
@@ -126,6 +142,7 @@ class Reversible:
 
     name = "reversible"
     data_parallel = False
+    buffer = InfoBuffer  # the information buffer's class (benchmarks.reversible swaps it)
 
     def __init__(
         self,
@@ -215,7 +232,7 @@ class Reversible:
         W = self._q(start.theta, 0, "initial weights")
         V = torch.zeros_like(W)
         W0 = W.clone()
-        buf = InfoBuffer(P, dev)
+        buf = self.buffer(P, dev)
         stored: list[Tensor] = []
         ints = {"W": W, "V": V}
         bound_bits = 0.0
@@ -246,7 +263,7 @@ class Reversible:
             start = InnerState(self._f(W, dt), (self._f(V, dt),), {}, 0)
             train(flat, steps, start, T, grad_fn=_grad_fn(flat), step_fn=step_fn)
         info_bits = buf.bits()
-        limbs_bytes = buf.limbs.numel() * 8
+        buffer_bytes = buf.nbytes
         stored_bytes = sum(s.numel() * 8 for s in stored)
 
         W, V = ints["W"], ints["V"]
@@ -277,7 +294,7 @@ class Reversible:
                 per_step[k][t] = float(hb)
         self.recovered = (W, V, W0)  # for the tests: what the reverse sweep ended at
         self.recovered_final = self._f(ints["W"], dt)
-        if not (torch.equal(W, W0) and not bool(V.any()) and not bool(buf.limbs.any())):
+        if not (torch.equal(W, W0) and not bool(V.any()) and buf.empty()):
             raise DivergenceError(
                 "estimator=reversible: the reverse sweep did not recover the initial weights "
                 "and velocity bit for bit (non-deterministic gradients?); use " + CAN
@@ -292,7 +309,7 @@ class Reversible:
             "bound_bits_per_param_step": bound_bits / max(buffered_steps, 1),
             "buffered_steps": buffered_steps,
             "stored_velocity_steps": T - buffered_steps,
-            "buffer_bytes": limbs_bytes,
+            "buffer_bytes": buffer_bytes,
             "stored_velocity_bytes": stored_bytes,
             "radix_bits": self.radix_bits,
         }

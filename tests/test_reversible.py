@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
 
 import metahpo
 from benchmarks.reversible import lenet_digits
@@ -59,7 +62,58 @@ def test_info_buffer_push_pop_round_trip() -> None:
     assert float(bits.min()) > 200 * 2.5  # log2(7) = 2.8 per push at least on average
     for r, m in reversed(digits):
         assert torch.equal(buf.pop(m), r)
-    assert buf.limbs.numel() == 0
+    assert buf.empty() and not bool(buf.count.any())
+
+
+BASES = st.one_of(
+    st.just(1), st.just(2), st.integers(1, 40), st.integers(2**30 - 64, 2**30), st.just(2**31)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.booleans(), st.lists(BASES, min_size=3, max_size=3), st.integers(0, 2**62)),
+        max_size=300,
+    ),
+    scalar=st.booleans(),
+)
+def test_info_buffer_random_pushes_and_pops(
+    ops: list[tuple[bool, list[int], int]], scalar: bool
+) -> None:
+    """Interleaved pushes and pops with random bases (1, small, near 2^30, 2^31; scalar or per
+    element): every pop returns the digit pushed last, and popping everything empties it."""
+    buf = InfoBuffer(3, "cpu")
+    stack: list[tuple[Tensor, Tensor]] = []
+    for push, bases, seed in ops:
+        m = torch.tensor(bases[0] if scalar else bases)
+        if push or not stack:
+            r = torch.remainder(torch.tensor([seed, seed // 3, seed // 7]), m)
+            buf.push(r, m)
+            stack.append((r, m))
+        else:
+            r, m = stack.pop()
+            assert torch.equal(buf.pop(m), r)
+    while stack:
+        r, m = stack.pop()
+        assert torch.equal(buf.pop(m), r)
+    assert buf.empty()
+
+
+def test_info_buffer_stores_about_the_information_pushed() -> None:
+    """Base 2 (one bit a push): 10,000 pushes fill about 10,000 / 62 words of 64 bits per
+    element, and the words allocated stay within twice those used (rows grow by doubling)."""
+    buf = InfoBuffer(4, "cpu")
+    g = torch.Generator().manual_seed(1)
+    pushed = [torch.randint(0, 2, (4,), generator=g) for _ in range(10_000)]
+    for r in pushed:
+        buf.push(r, torch.tensor(2))
+    assert torch.equal(buf.count, torch.full((4,), 10_000 // 62))
+    assert 10_000 <= float(buf.bits().min()) <= 10_000 * 64 / 62 + 64
+    assert len(buf.words) <= 2 * int(buf.count.max()) + 2
+    for r in reversed(pushed):
+        assert torch.equal(buf.pop(torch.tensor(2)), r)
+    assert buf.empty()
 
 
 def _long_schedule(horizon: int) -> HyperSchedule:
