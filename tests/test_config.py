@@ -84,7 +84,7 @@ def test_bad_plugin_arguments_fail_before_training(
         (
             ["estimator=nope"],
             "metahpo: error: estimator='nope' is unknown; allowed: auto, checkpointed_reverse, "
-            "es, exact_reverse, forward",
+            "es, evograd, exact_reverse, forward",
         ),
         (["-m", "task=digits,nope"], "metahpo: error: task='nope' is unknown"),
         (["horizon=-3"], "metahpo: error: horizon=-3 must be an integer >= 1"),
