@@ -12,13 +12,12 @@ import annotated_types as at
 import torch
 from torch import Tensor
 
-from metahpo.core import Batch, ConfigError, Hypergradient, Task
-from metahpo.device import CostMeter
+from metahpo.core import Batch, ConfigError, Task
+from metahpo.estimators.greedy import Online
 from metahpo.inner import FlatTask, InnerState, Steps, train
-from metahpo.schedule import HyperSchedule, raw_steps, split_key
+from metahpo.schedule import HyperSchedule, split_key
 from metahpo.validation import Positive, checked
 
-STEP_FRACTION = 0.02  # a key without a step size steps by this fraction of its bounds' width
 CAN = "forward, exact_reverse, checkpointed_reverse, truncated_reverse, greedy or es"
 
 
@@ -46,7 +45,7 @@ def evograd_estimate(
 
 
 @checked("estimator")
-class EvoGrad:
+class EvoGrad(Online):
     """EvoGrad: hyperparameters of the training loss moved online, one step at a time.
 
     At every inner step ``t`` it draws ``K`` perturbed copies ``theta_k = theta_t + sigma
@@ -105,18 +104,6 @@ class EvoGrad:
         if not schedule.learned:
             raise ConfigError("estimator=evograd: no hyperparameter of the loss is learned")
         self._sizes(schedule)
-
-    def _sizes(self, schedule: HyperSchedule) -> dict[str, Tensor]:
-        power = 1 if self.update == "sign" else 2
-        return raw_steps("estimator.step_size", self.step_size, schedule, STEP_FRACTION, power)
-
-    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
-        self.check(schedule)
-        with CostMeter(task.device) as cost:
-            meta_loss, grads, final, metrics = self._run(task, schedule)
-        return Hypergradient(
-            meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics, schedule=final
-        )
 
     def _run(
         self, task: Task, schedule: HyperSchedule

@@ -20,8 +20,41 @@ DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
 STEP_FRACTION = 0.02  # a key without a step size steps by this fraction of its bounds' width
 
 
+class Online:
+    """Estimators that move the schedule during their one run (``greedy``, ``evograd``): sign or
+    gradient steps on the raw values, and a result carrying the schedule the run ended with.
+
+    Subclasses set ``update`` and ``step_size`` and define ``check(schedule)`` and
+    ``_run(task, schedule) -> (meta_loss, grads, final schedule, metrics)``.
+    """
+
+    update: str
+    step_size: dict[str, float]
+
+    def check(self, schedule: HyperSchedule) -> None:
+        raise NotImplementedError
+
+    def _run(
+        self, task: Task, schedule: HyperSchedule
+    ) -> tuple[float, dict[str, Tensor], HyperSchedule, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _sizes(self, schedule: HyperSchedule) -> dict[str, Tensor]:
+        """Steps on the raw values (a gradient step's learning rate scales twice)."""
+        power = 1 if self.update == "sign" else 2
+        return raw_steps("estimator.step_size", self.step_size, schedule, STEP_FRACTION, power)
+
+    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
+        with CostMeter(task.device) as cost:
+            meta_loss, grads, final, metrics = self._run(task, schedule)
+        return Hypergradient(
+            meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics, schedule=final
+        )
+
+
 @checked("estimator")
-class Greedy:
+class Greedy(Online):
     """One training run whose hyperparameters are moved online, every W steps.
 
     The run is cut into windows ``[s, s+W)``. For each window, with the inner state at ``s``
@@ -79,19 +112,6 @@ class Greedy:
         """Raise ConfigError unless W fits the horizon and every learned key has a step size."""
         check_window("W", self.W, schedule.horizon)
         self._sizes(schedule)
-
-    def _sizes(self, schedule: HyperSchedule) -> dict[str, Tensor]:
-        """Steps on the raw values (a gradient step's learning rate scales twice)."""
-        power = 1 if self.update == "sign" else 2
-        return raw_steps("estimator.step_size", self.step_size, schedule, STEP_FRACTION, power)
-
-    def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
-        self.check(schedule)
-        with CostMeter(task.device) as cost:
-            meta_loss, grads, final, metrics = self._run(task, schedule)
-        return Hypergradient(
-            meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics, schedule=final
-        )
 
     def _run(
         self, task: Task, schedule: HyperSchedule

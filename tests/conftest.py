@@ -279,3 +279,19 @@ def digits_small() -> Digits:
 @pytest.fixture
 def quad() -> Quadratic:
     return quadratic()
+
+
+def active_columns(monkeypatch, task, schedule: HyperSchedule) -> list[int]:  # type: ignore[no-untyped-def]
+    """Columns forward mode differentiates at each step (a spy on its Hessian-vector products)."""
+    from metahpo.estimators.forward import ForwardMode
+
+    seen: list[int] = []
+    original = ForwardMode._grad_and_hvp
+
+    def spy(self, flat, st, batch, Z, mixed):  # type: ignore[no-untyped-def]
+        seen.append(Z.shape[0])
+        return original(self, flat, st, batch, Z, mixed)
+
+    monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
+    ForwardMode().hypergradient(task, schedule)
+    return seen

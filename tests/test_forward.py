@@ -11,6 +11,7 @@ from metahpo.schedule import HyperSchedule, HyperSpec
 from tests.conftest import (
     EXACT_TASKS,
     SHARING,
+    active_columns,
     assert_grads_close,
     central_differences,
     make_schedule,
@@ -112,16 +113,8 @@ def test_closed_form_one_weight_gradient_descent() -> None:
 
 def test_skips_columns_before_their_segment(monkeypatch, digits_small) -> None:
     """Step t computes Hessian-vector products only for columns whose segment has started."""
-    seen: list[int] = []
-    original = ForwardMode._grad_and_hvp
-
-    def spy(self, flat, st, batch, Z, mixed):  # type: ignore[no-untyped-def]
-        seen.append(Z.shape[0])
-        return original(self, flat, st, batch, Z, mixed)
-
-    monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
     schedule = make_schedule(8, 4)  # segments start at steps 0, 2, 4, 6; three types each
-    ForwardMode().hypergradient(digits_small, schedule)
+    seen = active_columns(monkeypatch, digits_small, schedule)
     assert seen == [3, 3, 6, 6, 9, 9, 12, 12]
 
 

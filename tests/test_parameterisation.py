@@ -30,7 +30,7 @@ from metahpo.parameterisation import (
     make_parameterisation,
 )
 from metahpo.schedule import HyperSchedule, HyperSpec
-from tests.conftest import assert_grads_close, central_differences, small_digits
+from tests.conftest import active_columns, assert_grads_close, central_differences, small_digits
 
 HORIZON = 9
 
@@ -150,15 +150,7 @@ def test_columns_start_at_supports_with_overlap() -> None:
 
 def test_forward_skips_knots_before_their_support(monkeypatch, digits) -> None:
     """Each step computes products only for the knots that already act on it."""
-    seen: list[int] = []
-    original = ForwardMode._grad_and_hvp
-
-    def spy(self, flat, st, batch, Z, mixed):  # type: ignore[no-untyped-def]
-        seen.append(Z.shape[0])
-        return original(self, flat, st, batch, Z, mixed)
-
-    monkeypatch.setattr(ForwardMode, "_grad_and_hvp", spy)
-    ForwardMode().hypergradient(digits, schedule_for("linear"))
+    seen = active_columns(monkeypatch, digits, schedule_for("linear"))
     # starts: lr 0, 1, 3, 6; momentum (knots at 0, 4, 8) 0, 1, 5; weight decay 0, 1
     assert seen == [3, 6, 6, 7, 7, 8, 9, 9, 9]
 
