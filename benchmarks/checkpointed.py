@@ -100,6 +100,9 @@ def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)) for n in b)
 
 
+BUDGET_FRACTION = [0.25]  # set by --budget-fraction
+
+
 def cell(
     task: SupervisedTask, horizon: int, columns: int, reverse: dict[str, Any]
 ) -> dict[str, Any]:
@@ -117,7 +120,7 @@ def cell(
         row[f"{name}_vs_forward"] = rel(hg.grads, fwd.grads)
         if name == "checkpointed":
             row["stretch"] = hg.metrics["stretch"]
-    budget = max(1.0, row["exact_reverse_mb"] / 4)
+    budget = max(1.0, row["exact_reverse_mb"] * BUDGET_FRACTION[0])
     reverse.setdefault(horizon, budget)  # one budget per horizon (from its first cell)
     budget = reverse[horizon]
     est = CheckpointedReverse(memory_mb=budget)
@@ -162,8 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--columns", type=int, nargs="+", default=list(COLUMNS), choices=COLUMNS)
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (least time)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/checkpointed"))
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.25,
+        help="checkpointed reverse's memory_mb as a fraction of exact reverse's peak",
+    )
     args = p.parse_args(argv)
     REPEATS[0] = args.repeats
+    BUDGET_FRACTION[0] = args.budget_fraction
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory()
     task = make_task(args.task, Path(tmp.name))
