@@ -290,7 +290,7 @@ class WarmupCosine(Parameterisation):
     DEFAULTS: ClassVar[tuple[float, float]] = (0.1, 0.0)
 
     def __init__(self, segments: int = 3) -> None:
-        super().__init__(segments)
+        super().__init__(3)  # ``segments`` is not used: one family, whatever the sharing
 
     @property
     def size(self) -> int:
