@@ -416,87 +416,47 @@ def grad_and_hvp(
     Cost: one gradient plus ``len(Z)`` Hessian-vector products (about two gradients each),
     with or without ``mixed``.
     """
-    if mixed is not None:
-        return _grad_and_hvp_mixed(mode, flat, st, Z, chunk or len(Z), mixed)
+    # without loss hyperparameters: no lam inputs (K = 0), the same operations as plain HVPs
+    values = mixed.values if mixed is not None else ()
+    D = mixed.tangents if mixed is not None else Z.new_zeros(len(Z), 0)
 
-    def loss(theta: Tensor) -> Tensor:
-        return flat.train_loss(theta, st.buffers, batch)
+    def loss(theta: Tensor, lam: tuple[Tensor, ...]) -> Tensor:
+        return flat.train_loss(theta, st.buffers, mixed.batch(lam) if mixed else batch)
 
     chunk = chunk or len(Z)
     if mode == "fwd_rev":
         gradf = grad(loss)
-        if chunk == 1:  # one jvp per column; the gradient comes with the first
-            pairs = [jvp(gradf, (st.theta,), (z,)) for z in Z]
-            return pairs[0][0], torch.stack([h for _, h in pairs])
-        # randomness="same": a random layer's one mask for every column (the step's masks)
-        batched = vmap(
-            lambda z: jvp(gradf, (st.theta,), (z,)), out_dims=(None, 0), randomness="same"
-        )
-        g, hz = batched(Z[:chunk])
-        if chunk < len(Z):  # the gradient comes with the first chunk; the rest add columns
-            rest = [batched(Z[i : i + chunk])[1] for i in range(chunk, len(Z), chunk)]
-            hz = torch.cat([hz, *rest])
-        return g, hz
-    theta = st.theta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
-        parts = []
-        for i in range(0, len(Z), chunk):
-            last = i + chunk >= len(Z)
-            if chunk == 1:
-                (p,) = torch.autograd.grad(g, theta, Z[i], retain_graph=not last)
-                p = p.unsqueeze(0)
-            else:
-                (p,) = torch.autograd.grad(
-                    g, theta, Z[i : i + chunk], retain_graph=not last, is_grads_batched=True
-                )
-            parts.append(p)
-    return g.detach(), parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _grad_and_hvp_mixed(
-    mode: str, flat: FlatTask, st: InnerState, Z: Tensor, chunk: int, mixed: Mixed
-) -> tuple[Tensor, Tensor]:
-    """:func:`grad_and_hvp` with the loss hyperparameters' mixed term in every column."""
-
-    def loss(theta: Tensor, lam: tuple[Tensor, ...]) -> Tensor:
-        return flat.train_loss(theta, st.buffers, mixed.batch(lam))
-
-    D = mixed.tangents
-    if mode == "fwd_rev":
-        gradf = grad(loss)
 
         def column(z: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(
-                lambda th, *lam: gradf(th, lam),
-                (st.theta, *mixed.values),
-                (z, *d.unbind(0)),
-            )
+            return jvp(lambda th, *lam: gradf(th, lam), (st.theta, *values), (z, *d.unbind(0)))
 
-        if chunk == 1:
+        if chunk == 1:  # one jvp per column; the gradient comes with the first
             pairs = [column(z, d) for z, d in zip(Z, D, strict=True)]
             return pairs[0][0], torch.stack([h for _, h in pairs])
+        # randomness="same": a random layer's one mask for every column (the step's masks)
         batched = vmap(column, out_dims=(None, 0), randomness="same")
+        # the gradient comes with the first chunk; the rest add columns
         parts = [batched(Z[i : i + chunk], D[i : i + chunk]) for i in range(0, len(Z), chunk)]
-        return parts[0][0], torch.cat([h for _, h in parts])
+        hz = parts[0][1] if len(parts) == 1 else torch.cat([h for _, h in parts])
+        return parts[0][0], hz
     theta = st.theta.detach().requires_grad_(True)
-    lam = tuple(v.detach().requires_grad_(True) for v in mixed.values)
+    lam = tuple(v.detach().requires_grad_(True) for v in values)
     with torch.enable_grad():
         outs = torch.autograd.grad(loss(theta, lam), (theta, *lam), create_graph=True)
-        hz = []
+        hz_parts = []
         for i in range(0, len(Z), chunk):
             last = i + chunk >= len(Z)
             if chunk == 1:
                 v = (Z[i], *D[i].unbind(0))
                 (p,) = torch.autograd.grad(outs, theta, v, retain_graph=not last)
-                hz.append(p.unsqueeze(0))
+                p = p.unsqueeze(0)
             else:
                 v = (Z[i : i + chunk], *D[i : i + chunk].T.unbind(0))
                 (p,) = torch.autograd.grad(
                     outs, theta, v, retain_graph=not last, is_grads_batched=True
                 )
-                hz.append(p)
-    return outs[0].detach(), torch.cat(hz)
+            hz_parts.append(p)
+    return outs[0].detach(), hz_parts[0] if len(hz_parts) == 1 else torch.cat(hz_parts)
 
 
 Candidate = tuple[str, int | None]
