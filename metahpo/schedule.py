@@ -20,7 +20,12 @@ from torch import Tensor
 
 from metahpo.core import ConfigError
 from metahpo.optim import SGD, Hyperparameter, InnerOptimizer, Recorded
-from metahpo.parameterisation import Constant, Parameterisation, make_parameterisation
+from metahpo.parameterisation import (
+    Constant,
+    Parameterisation,
+    make_parameterisation,
+    segment_index,
+)
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -134,8 +139,7 @@ class HyperSchedule:
 
     def segment_index(self, name: str) -> Tensor:
         """LongTensor [T]: the segment in force at every step (``floor(n t / T)``)."""
-        n = self.specs[name].n_segments
-        return torch.arange(self.horizon, dtype=torch.long) * n // self.horizon
+        return segment_index(self.specs[name].n_segments, self.horizon)
 
     def supports(self, name: str) -> list[tuple[int, int]]:
         """``(first, last)`` step each raw value of ``name`` can influence."""
@@ -256,6 +260,22 @@ class HyperSchedule:
         return f"HyperSchedule(T={self.horizon}, {parts})"
 
 
+def unknown_hyperparameter(
+    name: str,
+    optimizer: InnerOptimizer | type[InnerOptimizer],
+    loss: Mapping[str, Hyperparameter],
+) -> ConfigError:
+    """The one-line error for ``schedule.<name>`` naming neither a hyperparameter of the
+    optimiser nor one of the task's loss."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    of_loss = " or of the task's loss" if loss else ""
+    known = ", ".join({**optimizer.hyperparameters, **loss})
+    return ConfigError(
+        f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer "
+        f"({cls.__module__}.{cls.__qualname__}){of_loss}; allowed: {known}"
+    )
+
+
 def _check_keys(
     specs: Mapping[str, HyperSpec],
     optimizer: InnerOptimizer,
@@ -266,11 +286,7 @@ def _check_keys(
     for key in specs:
         name, group = split_key(key)
         if name not in known:
-            of_loss = " or of the task's loss" if loss else ""
-            raise ConfigError(
-                f"schedule.{name} is not a hyperparameter of the {optimizer.name} optimizer"
-                f"{of_loss}; allowed: {', '.join(known)}"
-            )
+            raise unknown_hyperparameter(name, optimizer, loss)
         if group is None and name in groups:
             raise ConfigError(
                 f"schedule.{key}: {name} has groups ({', '.join(groups[name])}); "

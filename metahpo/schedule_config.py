@@ -22,7 +22,7 @@ from pydantic import Field, StrictBool
 from metahpo.core import ConfigError
 from metahpo.optim import Hyperparameter, InnerOptimizer
 from metahpo.parameterisation import make_parameterisation
-from metahpo.schedule import HyperSchedule, HyperSpec
+from metahpo.schedule import HyperSchedule, HyperSpec, unknown_hyperparameter
 from metahpo.validation import Allowed, Node, check_model
 
 Number = float
@@ -102,12 +102,7 @@ def schedule_from_config(
     for name, node in data.items():
         key = f"schedule.{name}"
         if name not in known:
-            cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-            of_loss = " or of the task's loss" if loss else ""
-            raise ConfigError(
-                f"{key} is not a hyperparameter of the {optimizer.name} optimizer "
-                f"({cls.__module__}.{cls.__qualname__}){of_loss}; allowed: {', '.join(known)}"
-            )
+            raise unknown_hyperparameter(name, optimizer, loss)
         if not isinstance(node, Mapping):
             raise ConfigError(
                 f"{key}={node!r} must be a mapping of {', '.join(Entry.model_fields)}"
