@@ -124,8 +124,10 @@ class ForwardMode:
     The training gradient of a step comes out of the same call as its Hessian-vector
     products (:func:`propagate` does the rest).
 
-    Bias: none (exact to floating point) unless ``clamp_grad`` or ``clamp_hvp`` are set; those
-    reproduce the clamps of the paper's code and make the result inexact.
+    Bias: none (exact to floating point) unless ``clamp_hvp`` is set (the paper code's clamp of
+    the products: inexact). ``clamp_grad`` clamps the training gradient in the inner run and
+    differentiates that clamped run exactly (the tangent of ``clamp(g)`` is ``H Z`` masked to 0
+    where ``|g| > c``; the paper's code propagated the unmasked one).
     Memory: ``(1 + s) C P`` numbers for C learned shared values, P parameters and an optimiser
     with s state tensors (SGD 1, Adam 2), constant in the horizon T, plus the activations of
     one batched Hessian-vector product (``chunk_size`` columns at a time bounds it) and the
@@ -150,7 +152,8 @@ class ForwardMode:
             ``metrics["hvp"]`` and ``metrics["hvp_chunk_size"]`` report the one used.
         chunk_size: columns per vectorised Hessian-vector product (None: all at once; 1: a
             plain loop over columns, without ``vmap``).
-        clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update (inexact).
+        clamp_grad: clamp the training gradient to ``[-c, c]`` in the inner update, as the
+            paper's code does; the result is the exact hypergradient of that clamped run.
         clamp_hvp: clamp Hessian-vector products to ``[-c, c]`` (inexact).
         tangents: ``"auto"`` (default): plain SGD without groups takes the hand-written
             recurrence (:func:`sgd_propagate`, faster), everything else the generic jvp;
@@ -180,7 +183,8 @@ class ForwardMode:
 
     @property
     def exact(self) -> bool:
-        return self.clamp_grad is None and self.clamp_hvp is None
+        """The exact derivative of the inner run it runs (``clamp_grad``'s run is clamped)."""
+        return self.clamp_hvp is None
 
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         with CostMeter(task.device) as cost:
@@ -221,6 +225,8 @@ class ForwardMode:
                         lambda lam: steps.attach(t, batch, dict(zip(in_loss, lam, strict=True))),
                     )
                 g, h = self._grad_and_hvp(flat, st, batch, Z[:a], mixed)
+                if self.clamp_grad is not None:  # d clamp(g) = d g where |g| <= c, else 0
+                    h.masked_fill_(g.abs() > self.clamp_grad, 0.0)
                 hz[:] = [h]
             if self.clamp_grad is not None:
                 g = g.clamp(-self.clamp_grad, self.clamp_grad)

@@ -167,9 +167,12 @@ def _with_loss_values(batch, schedule: HyperSchedule, values, params, t: int):
     return StepBatch(batch[0], batch[1], getattr(batch, "seed", None), hyper) if hyper else batch
 
 
-def _reference_run(task, schedule: HyperSchedule, values, differentiable: bool):
+def _reference_run(
+    task, schedule: HyperSchedule, values, differentiable: bool, clamp_grad: float | None = None
+):
     """Parameters and buffers after the run, parameter by parameter (independent of
-    metahpo.inner and metahpo.optim)."""
+    metahpo.inner and metahpo.optim); ``clamp_grad``: each training gradient clamped to
+    ``[-c, c]`` before the update (the paper code's clamp)."""
     params, buffers = task.init_params()
     states = {k: {} for k in params}
     for t in range(schedule.horizon):
@@ -183,6 +186,8 @@ def _reference_run(task, schedule: HyperSchedule, values, differentiable: bool):
         else:
             ps = {k: p.detach().requires_grad_(True) for k, p in params.items()}
             grads = torch.autograd.grad(task.train_loss(ps, buffers, batch), list(ps.values()))
+        if clamp_grad is not None:
+            grads = [g.clamp(-clamp_grad, clamp_grad) for g in grads]
         new_params = {}
         with torch.set_grad_enabled(differentiable):
             for (k, p), g in zip(params.items(), grads, strict=True):
@@ -195,15 +200,18 @@ def _reference_run(task, schedule: HyperSchedule, values, differentiable: bool):
     return params, buffers
 
 
-def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, torch.Tensor]]:
-    """Plain autograd through the whole unrolled run, written out step by step.
+def unrolled_reference(
+    task, schedule: HyperSchedule, clamp_grad: float | None = None
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Plain autograd through the whole unrolled run, written out step by step (with
+    ``clamp_grad``: through the clamped run, see :func:`_reference_run`).
 
     Buffers (batch-norm running statistics) follow the run but are not differentiated.
     """
     values = {
         n: schedule.values[n].to(task.dtype).clone().requires_grad_(True) for n in schedule.keys
     }
-    params, buffers = _reference_run(task, schedule, values, differentiable=True)
+    params, buffers = _reference_run(task, schedule, values, True, clamp_grad)
     meta = task.val_loss(params, buffers)
     learned = list(schedule.learned)
     grads = torch.autograd.grad(meta, [values[n] for n in learned], allow_unused=True)
@@ -214,26 +222,33 @@ def unrolled_reference(task, schedule: HyperSchedule) -> tuple[float, dict[str, 
     return float(meta.detach()), out
 
 
-def final_run(task, schedule: HyperSchedule):
+def final_run(task, schedule: HyperSchedule, clamp_grad: float | None = None):
     """Parameters and buffers after a plain (no-grad) run, written independently of
     metahpo.inner."""
     values = {n: v.to(task.dtype) for n, v in schedule.values.items()}
-    return _reference_run(task, schedule, values, differentiable=False)
+    return _reference_run(task, schedule, values, False, clamp_grad)
 
 
-def final_val_loss(task, schedule: HyperSchedule, buffers=None) -> float:
+def final_val_loss(
+    task, schedule: HyperSchedule, buffers=None, clamp_grad: float | None = None
+) -> float:
     """Validation loss after a plain (no-grad) run, written independently of metahpo.inner.
 
     Args:
         buffers: evaluate with these buffers instead of the run's own (None: the run's).
     """
-    params, run_buffers = final_run(task, schedule)
+    params, run_buffers = final_run(task, schedule, clamp_grad)
     with torch.no_grad():
         return float(task.val_loss(params, run_buffers if buffers is None else buffers))
 
 
 def central_differences(
-    task, schedule: HyperSchedule, eps: float = 1e-5, *, freeze_buffers: bool = True
+    task,
+    schedule: HyperSchedule,
+    eps: float = 1e-5,
+    *,
+    freeze_buffers: bool = True,
+    clamp_grad: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """d L_val / d h for every shared value, by float64 central differences.
 
@@ -250,8 +265,8 @@ def central_differences(
             plus, minus = schedule.values[n].clone(), schedule.values[n].clone()
             plus[k] += h
             minus[k] -= h
-            f_plus = final_val_loss(task, schedule.replace({n: plus}), frozen)
-            f_minus = final_val_loss(task, schedule.replace({n: minus}), frozen)
+            f_plus = final_val_loss(task, schedule.replace({n: plus}), frozen, clamp_grad)
+            f_minus = final_val_loss(task, schedule.replace({n: minus}), frozen, clamp_grad)
             out[n][k] = (f_plus - f_minus) / (2 * h)
     return out
 
