@@ -290,3 +290,33 @@ def test_device_auto_on_a_cpu_says_so_with_the_estimated_time(tmp_path: Path, ca
     with caplog.at_level(logging.WARNING, logger="metahpo"):
         metahpo.run([*QUICK, "device=cpu"], tmp_path / "cpu")
     assert not [r for r in caplog.records if "device=auto" in r.getMessage()]
+
+
+@pytest.mark.parametrize("experiment", ["mnist_lenet", "svhn_lenet", "cifar10_wrn"])
+def test_gpu_experiments_are_marked_and_their_cpu_line_gives_the_cost(
+    experiment: str, monkeypatch
+) -> None:
+    """The paper-scale recipes are marked for a GPU by ``device: auto``; on a CPU the one line
+    prices the whole run from the probe (stubbed here at WRN-16-1's measured 0.532 s a plain
+    step, docs/benchmarks.md) and the cost model: days, not minutes."""
+    from types import SimpleNamespace
+
+    import metahpo.estimators.auto as auto
+    from metahpo.build import optimizer_from_config
+    from metahpo.runner import _cpu_fallback
+    from metahpo.schedule_config import schedule_from_config
+
+    cfg = metahpo.compose([f"experiment={experiment}"])
+    assert cfg.device == "auto"
+    plain = OmegaConf.to_container(cfg.schedule, resolve=True)
+    schedule = schedule_from_config(plain, cfg.horizon, optimizer_from_config(cfg.optimizer), {})
+    monkeypatch.setattr(auto, "plain_step_seconds", lambda task, schedule, steps=3: 0.532)
+    line = _cpu_fallback(
+        cfg, SimpleNamespace(task=None, schedule=schedule, estimator=ForwardMode())
+    )
+    assert "\n" not in line and line.startswith("device=auto found no CUDA device")
+    runs = min((cfg.outer.steps + 1) * cfg.outer.seeds, cfg.outer.budget)
+    cost, _ = auto.relative_cost(ForwardMode(), schedule)
+    days = 0.532 * cfg.horizon * (cost * runs + 2 * len(cfg.final.seeds)) / 86400
+    assert f"estimated {days:.1f} days (a plain inner step 532 ms x {cfg.horizon} steps" in line
+    assert days > 1
