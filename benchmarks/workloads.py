@@ -82,6 +82,7 @@ def _synthetic(
     batch: int,
     device: torch.device,
     augment: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> SupervisedTask:
     """Random images of ``shape`` and random labels: 8 training batches, 2 of validation."""
     g = torch.Generator().manual_seed(0)
@@ -98,7 +99,7 @@ def _synthetic(
         batch_size=batch,
         seed=0,
         device=device,
-        dtype=torch.float32,
+        dtype=dtype,
         augment=CropFlip(4, True) if augment else None,
     )
 

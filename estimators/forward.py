@@ -19,6 +19,7 @@ from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.parameterisation import Constant
 from metahpo.schedule import HyperSchedule
+from metahpo.second_order import data_convolutions
 from metahpo.validation import Positive, PositiveInt, checked
 
 HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
@@ -448,7 +449,9 @@ def grad_and_hvp(
     theta = st.theta.detach().requires_grad_(True)
     lam = tuple(v.detach().requires_grad_(True) for v in values)
     with torch.enable_grad():
-        outs = torch.autograd.grad(loss(theta, lam), (theta, *lam), create_graph=True)
+        with data_convolutions():  # no gradient wrt the images in the second backward
+            value = loss(theta, lam)
+        outs = torch.autograd.grad(value, (theta, *lam), create_graph=True)
         hz_parts = []
         for i in range(0, len(Z), chunk):
             last = i + chunk >= len(Z)
