@@ -62,9 +62,11 @@ def _call(variant: str, flat: FlatTask, st: Any, batch: Any, Z: torch.Tensor) ->
     return forward.grad_and_hvp(variant, flat, st, batch, Z)
 
 
-def measure(repeats: int, quick: bool) -> list[dict[str, Any]]:
+def measure(
+    repeats: int, quick: bool, models: tuple[str, ...] = ("lenet", "digits")
+) -> list[dict[str, Any]]:
     rows = []
-    for model in ("lenet", "digits"):
+    for model in models:
         for dtype in (torch.float32, torch.float64):
             task = _task(model, dtype, quick)
             flat = FlatTask(task)
@@ -113,12 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="LeNet at batch 32, 1 repeat")
+    parser.add_argument("--models", nargs="+", default=["lenet", "digits"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     head = " | ".join(f"{v}: min / median ms (x first)" for v in VARIANTS)
     print(f"| model | dtype | columns | {head} | rev_rev bit-identical |")
-    rows = measure(1 if args.quick else args.repeats, args.quick)
+    rows = measure(1 if args.quick else args.repeats, args.quick, tuple(args.models))
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -22,7 +22,7 @@ from metahpo.schedule import HyperSchedule
 from metahpo.second_order import data_convolutions
 from metahpo.validation import Positive, PositiveInt, checked
 
-HVPMode = Literal["auto", "fwd_rev", "rev_rev"]
+HVPMode = Literal["auto", "fwd_rev", "rev_rev", "model"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
 TangentMode = Literal["auto", "generic"]
 
@@ -141,15 +141,18 @@ class ForwardMode:
     over ranks, once per run the validation gradient; tangents stay identical on every rank.
 
     Args:
-        hvp: how Hessian-vector products are computed. ``"rev_rev"`` (default): double backward
-            (the gradient with ``create_graph``, then vector-Jacobian products through it);
-            ``"fwd_rev"``: ``torch.func`` forward-over-reverse (``jvp`` of ``grad``), which also
-            returns the gradient; ``"auto"``: before the first step, time both, each vectorised
-            over the columns (``chunk_size``) and looped one column at a time, on all C columns,
-            and keep the fastest for this task, device and dtype (about 12 C extra
-            Hessian-vector products, once per estimator). All are exact, but they round
-            differently, so ``auto`` can make float32 runs differ from machine to machine; the
-            default is fixed (docs/benchmarks.md measures them per model).
+        hvp: how Hessian-vector products are computed. ``"model"`` (default): the formulation
+            :func:`formulation_for` picks from the task's model and dtype alone, the same on
+            every machine; ``"rev_rev"``: double backward (the gradient with ``create_graph``,
+            then vector-Jacobian products through it; convolutions of the data skip the
+            images' gradient, :mod:`metahpo.second_order`); ``"fwd_rev"``: ``torch.func``
+            forward-over-reverse (``jvp`` of ``grad``), which also returns the gradient;
+            ``"auto"``: before the first step, time both, each vectorised over the columns
+            (``chunk_size``) and looped one column at a time, on all C columns, and keep the
+            fastest for this task, device and dtype (about 12 C extra Hessian-vector products,
+            once per estimator). All are exact, but they round differently, so ``auto`` can
+            make float32 runs differ from machine to machine; ``model`` cannot
+            (docs/benchmarks.md measures them per model).
             ``metrics["hvp"]`` and ``metrics["hvp_chunk_size"]`` report the one used.
         chunk_size: columns per vectorised Hessian-vector product (None: all at once; 1: a
             plain loop over columns, without ``vmap``).
@@ -166,7 +169,7 @@ class ForwardMode:
 
     def __init__(
         self,
-        hvp: HVPMode = "rev_rev",
+        hvp: HVPMode = "model",
         chunk_size: PositiveInt | None = None,
         clamp_grad: Positive | None = None,
         clamp_hvp: Positive | None = None,
@@ -178,7 +181,7 @@ class ForwardMode:
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad
         self.clamp_hvp = clamp_hvp
-        # auto's choice per (task, P, device, dtype): formulation, and its columns per call
+        # auto's or model's choice per (task, P, device, dtype): formulation, columns per call
         self._measured: dict[tuple[str, int, str, str], str] = {}
         self._measured_chunk: dict[tuple[str, int, str, str], int | None] = {}
 
@@ -207,6 +210,8 @@ class ForwardMode:
         learned = [k for k in schedule.keys if k in schedule.learned]
         in_loss = [k for k in learned if k in schedule.loss_keys]  # the loss's own, learned
         key = _key(flat)
+        if self.hvp == "model":
+            self._measured[key] = formulation_for(task)
         if self.hvp == "auto" and key not in self._measured and len(cols):
             self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
         hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to step_fn
@@ -256,7 +261,7 @@ class ForwardMode:
 
     def _setting(self, key: tuple[str, int, str, str]) -> tuple[str | None, int | None]:
         """The formulation and columns per call in use for ``key``."""
-        if self.hvp != "auto":
+        if self.hvp in HVP_FORMULATIONS:
             return self.hvp, self.chunk_size
         return self._measured.get(key), self._measured_chunk.get(key, self.chunk_size)
 
@@ -286,6 +291,24 @@ class ForwardMode:
         mode, chunk = candidates[int(distributed.all_reduce_mean_(best).argmin())]
         self._measured_chunk[_key(flat)] = chunk
         return mode
+
+
+def formulation_for(task: Task) -> str:
+    """The default (``hvp="model"``) Hessian-vector-product formulation for ``task``, from its
+    model's layers and its dtype alone (no timing: the same choice on every machine).
+
+    ``"fwd_rev"`` for a float64 model with a convolution and no batch-norm layer, else
+    ``"rev_rev"``. Measured on this CPU (docs/benchmarks.md, "The default formulation"): with
+    the images' gradient gone from double backward, ``rev_rev`` is as fast as or faster than
+    ``fwd_rev`` on LeNet-5 in float32 and 1.1-1.8x faster on the digits MLP; ``fwd_rev`` is
+    faster on LeNet-5 in float64; on the batch-norm WRN ``rev_rev`` is 1.4x faster. A task
+    without an ``nn.Module`` model gets ``"rev_rev"``.
+    """
+    model = getattr(task, "model", None)
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules)
+    norm = any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in modules)
+    return "fwd_rev" if conv and not norm and task.dtype == torch.float64 else "rev_rev"
 
 
 def propagate(

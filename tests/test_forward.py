@@ -185,3 +185,56 @@ def test_auto_hvp_measures_once_and_agrees_with_both(monkeypatch, digits_small) 
         fixed = ForwardMode(hvp=hvp).hypergradient(digits_small, schedule)
         assert fixed.metrics["hvp"] == hvp
         assert_grads_close(first.grads, fixed.grads, rtol=1e-12)
+
+
+def _lenet(dtype: torch.dtype, batch: int = 8):  # type: ignore[no-untyped-def]
+    from benchmarks.workloads import _synthetic
+    from metahpo.tasks.models import LeNet
+
+    return _synthetic(
+        "lenet", (1, 28, 28), lambda: LeNet(1, 28, 10, pool="avg"), batch, "cpu", dtype=dtype
+    )
+
+
+def test_default_formulation_is_a_fixed_rule_of_model_and_dtype(monkeypatch) -> None:
+    """hvp="model" never times anything: the same model and dtype give the same choice."""
+    import metahpo.estimators.forward as forward
+    from benchmarks.workloads import _synthetic
+    from metahpo.tasks.models import WideResNet
+
+    def no_timing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("hvp='model' timed the formulations")
+
+    monkeypatch.setattr(forward, "time_hvp", no_timing)
+    wrn = _synthetic(
+        "wrn",
+        (3, 32, 32),
+        lambda: WideResNet(3, 32, 10, depth=10, base_channels=4),
+        4,
+        "cpu",
+        dtype=torch.float64,
+    )
+    expected = [
+        (small_digits(), "rev_rev"),
+        (small_digits(dtype=torch.float32), "rev_rev"),
+        (quadratic(), "rev_rev"),
+        (_lenet(torch.float32), "rev_rev"),
+        (_lenet(torch.float64), "fwd_rev"),
+        (wrn, "rev_rev"),  # batch-norm
+    ]
+    for task, formulation in expected:
+        assert forward.formulation_for(task) == formulation
+        assert forward.formulation_for(task.with_seed(1)) == formulation
+    hg = ForwardMode().hypergradient(_lenet(torch.float64), make_schedule(3, 1))
+    assert hg.metrics["hvp"] == "fwd_rev"
+
+
+def test_both_formulations_agree_on_lenet_in_float64() -> None:
+    """The default's fwd_rev and rev_rev (without the images' gradient) against reverse mode
+    through the unrolled run."""
+    task, schedule = _lenet(torch.float64), make_schedule(4, 2, seed=3)
+    meta, ref = unrolled_reference(task, schedule)
+    for hvp in ("model", "rev_rev", "fwd_rev"):
+        hg = ForwardMode(hvp=hvp).hypergradient(task, schedule)
+        assert hg.meta_loss == pytest.approx(meta, rel=1e-12)
+        assert_grads_close(hg.grads, ref, rtol=1e-10)
