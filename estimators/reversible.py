@@ -35,6 +35,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.schedule import HyperSchedule, split_key
+from metahpo.second_order import data_convolutions
 from metahpo.validation import Positive, checked
 
 CAN = "forward, exact_reverse, truncated_reverse or greedy"
@@ -372,7 +373,8 @@ def _grad_and_hvp_fn(flat: FlatTask, w: Tensor, batch: Batch, hvp: bool = True):
     product, through the gradient's graph)."""
     theta = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = flat.train_loss(theta, {}, batch)
+        with data_convolutions():  # its double backward skips the images' gradient
+            loss = flat.train_loss(theta, {}, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=hvp)
     if not hvp:
         return g, None

@@ -34,6 +34,7 @@ from metahpo.core import Batch, ConfigError, loss_hyper
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import State
 from metahpo.schedule import HyperSchedule
+from metahpo.second_order import data_convolutions
 
 #: Adjoint of an inner state: ``(d/d theta, *d/d optimiser state)``, each shaped like theta.
 Adjoint = tuple[Tensor, ...]
@@ -83,7 +84,8 @@ def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) 
     tracked = state.theta.requires_grad or _has_graph(loss_hyper(batch))
     theta = state.theta if state.theta.requires_grad else state.theta.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = flat.train_loss(theta, state.buffers, batch)
+        with data_convolutions():  # its double backward skips the images' gradient
+            loss = flat.train_loss(theta, state.buffers, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=tracked)
         return distributed.all_reduce_mean(g)
 
