@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from benchmarks.workloads import _synthetic
-from metahpo.estimators.forward import ForwardMode, grad_and_hvp
+from metahpo.estimators.forward import ForwardMode
 from metahpo.inner import FlatTask
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.tasks.digits import Digits
@@ -139,23 +139,14 @@ def _task(model: str, dtype: torch.dtype, batch: int) -> Any:
     return Digits(dtype=dtype, batch_size=batch)
 
 
-def lower_bound(task: Any, sched: HyperSchedule, repeats: int = 5) -> float:
-    """Seconds of one gradient per step plus one rev_rev product per started column."""
-    flat = FlatTask(task)
-    st, batch = flat.init_state(), flat.batch(0)
-    z = torch.randn(1, flat.n_params).to(task.dtype)
-    grad_s, both_s = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        flat.grad(0, st, batch)
-        grad_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        grad_and_hvp("rev_rev", flat, st, batch, z)
-        both_s.append(time.perf_counter() - start)
-    g, hvp = min(grad_s), max(min(both_s) - min(grad_s), 0.0)
+def lower_bound(task: Any, sched: HyperSchedule) -> float:
+    """metahpo's lower bound (benchmarks.timing): one gradient per step plus one
+    Hessian-vector product per started column, each timed alone."""
+    from benchmarks.timing import lower_bound_parts
     from metahpo.estimators.auto import started_columns
 
-    return sum(g + hvp * c for c in started_columns(sched))
+    parts = lower_bound_parts(task, repeats=5)
+    return sum(parts["grad_seconds"] + parts["hvp_seconds"] * c for c in started_columns(sched))
 
 
 def case(
