@@ -131,3 +131,18 @@ def test_threads_benchmark_times_every_count_and_restores_torchs() -> None:
     assert len(cases) == 6 and len(out["rows"]) == 12
     assert all(r["min_s"] > 0 for r in out["rows"])
     assert all(r["ratio_to_first"] == 1.0 for r in out["rows"] if r["threads"] == 1)
+
+
+def test_hvp_formulations_benchmark_times_every_variant_and_checks_bits() -> None:
+    """``python -m benchmarks.hvp_formulations``: every variant per case, the two rev_rev
+    variants bit-identical."""
+    from benchmarks import hvp_formulations
+
+    rows = hvp_formulations.measure(1, True, ("digits",))
+    assert [(r["dtype"], r["columns"]) for r in rows] == [
+        ("float32", 7), ("float32", 30), ("float64", 7), ("float64", 30)
+    ]  # fmt: skip
+    for r in rows:
+        assert r["bit_identical"]
+        assert set(r["min"]) == set(hvp_formulations.VARIANTS)
+        assert all(s > 0 for s in r["min"].values())
