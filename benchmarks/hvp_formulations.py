@@ -10,6 +10,7 @@ batch 128), float32 and float64, 7 and 30 columns: ``grad_and_hvp`` by
 - ``rev_rev``: the shipped double backward, convolutions of data through
   :func:`metahpo.second_order.data_convolutions`;
 - ``fwd_rev``: ``torch.func`` forward-over-reverse;
+- ``rev_rev looped``: the shipped double backward, one column per call (``chunk_size=1``);
 
 interleaved in one process, each repeat running every variant once, after one warm-up; min and
 median seconds, and each variant's median relative to the first. The two ``rev_rev`` variants
@@ -35,7 +36,7 @@ from metahpo.inner import FlatTask
 from metahpo.tasks.digits import Digits
 from metahpo.tasks.models import LeNet
 
-VARIANTS = ("rev_rev (images' gradient)", "rev_rev", "fwd_rev")
+VARIANTS = ("rev_rev (images' gradient)", "rev_rev", "fwd_rev", "rev_rev looped")
 
 
 @contextlib.contextmanager
@@ -59,6 +60,8 @@ def _call(variant: str, flat: FlatTask, st: Any, batch: Any, Z: torch.Tensor) ->
             return forward.grad_and_hvp("rev_rev", flat, st, batch, Z)
         finally:
             forward.data_convolutions = saved
+    if variant == "rev_rev looped":
+        return forward.grad_and_hvp("rev_rev", flat, st, batch, Z, 1)
     return forward.grad_and_hvp(variant, flat, st, batch, Z)
 
 
