@@ -142,9 +142,11 @@ class ForwardMode:
 
     Args:
         hvp: how Hessian-vector products are computed. ``"model"`` (default): the formulation
-            :func:`formulation_for` picks from the task's model and dtype alone, the same on
-            every machine; ``"rev_rev"``: double backward (the gradient with ``create_graph``,
-            then vector-Jacobian products through it; convolutions of the data skip the
+            and columns per call :func:`formulation_for` picks from the task's model alone
+            (``rev_rev``, one column per call for convolutional models, all at once otherwise;
+            an explicit ``chunk_size`` wins), the same on every machine; ``"rev_rev"``:
+            double backward (the gradient with ``create_graph``, then vector-Jacobian
+            products through it; convolutions of the data skip the
             images' gradient, :mod:`metahpo.second_order`); ``"fwd_rev"``: ``torch.func``
             forward-over-reverse (``jvp`` of ``grad``), which also returns the gradient;
             ``"auto"``: before the first step, time both, each vectorised over the columns
@@ -210,8 +212,9 @@ class ForwardMode:
         learned = [k for k in schedule.keys if k in schedule.learned]
         in_loss = [k for k in learned if k in schedule.loss_keys]  # the loss's own, learned
         key = _key(flat)
-        if self.hvp == "model":
-            self._measured[key] = formulation_for(task)
+        if self.hvp == "model":  # a chunk_size given explicitly wins over the rule's
+            self._measured[key], chunk = formulation_for(task)
+            self._measured_chunk[key] = chunk if self.chunk_size is None else self.chunk_size
         if self.hvp == "auto" and key not in self._measured and len(cols):
             self._measured[key] = self._fastest(flat, state, flat.batch(0), Z)
         hz: list[Tensor] = []  # the step's H Z, handed from grad_fn to step_fn
@@ -293,22 +296,26 @@ class ForwardMode:
         return mode
 
 
-def formulation_for(task: Task) -> str:
-    """The default (``hvp="model"``) Hessian-vector-product formulation for ``task``, from its
-    model's layers and its dtype alone (no timing: the same choice on every machine).
+def formulation_for(task: Task) -> tuple[str, int | None]:
+    """The default (``hvp="model"``) Hessian-vector products for ``task``: formulation and
+    columns per call, from its model's layers alone (no timing: the same choice on every
+    machine, for every dtype).
 
-    ``"fwd_rev"`` for a float64 model with a convolution and no batch-norm layer, else
-    ``"rev_rev"``. Measured on this CPU (docs/benchmarks.md, "The default formulation"): with
-    the images' gradient gone from double backward, ``rev_rev`` is as fast as or faster than
-    ``fwd_rev`` on LeNet-5 in float32 and 1.1-1.8x faster on the digits MLP; ``fwd_rev`` is
-    faster on LeNet-5 in float64; on the batch-norm WRN ``rev_rev`` is 1.4x faster. A task
-    without an ``nn.Module`` model gets ``"rev_rev"``.
+    ``("rev_rev", 1)`` (double backward, one column per call) for a model with a convolution,
+    ``("rev_rev", None)`` (all columns in one vectorised call) otherwise, including tasks
+    without an ``nn.Module`` model. Measured on this CPU (docs/benchmarks.md, "The default
+    formulation"): on LeNet-5 the looped double backward is the fastest of the four in float32
+    (0.53-0.44x of autograd's own double backward at 7 and 30 columns, against 0.65-0.72x
+    vectorised and 0.67-0.78x ``fwd_rev``) and level with ``fwd_rev`` in float64 (0.71-0.72x
+    against 0.75-0.77x); ``vmap``'s batching of convolution and max-pool backward loops over
+    the columns anyway and then copies. On the digits MLP the vectorised double backward is
+    fastest (looped 1.3-1.7x slower, ``fwd_rev`` 1.1-1.9x); on the batch-norm WRN looped and
+    vectorised ``rev_rev`` are level at one column.
     """
     model = getattr(task, "model", None)
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules)
-    norm = any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in modules)
-    return "fwd_rev" if conv and not norm and task.dtype == torch.float64 else "rev_rev"
+    return "rev_rev", 1 if conv else None
 
 
 def propagate(

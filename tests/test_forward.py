@@ -196,8 +196,8 @@ def _lenet(dtype: torch.dtype, batch: int = 8):  # type: ignore[no-untyped-def]
     )
 
 
-def test_default_formulation_is_a_fixed_rule_of_model_and_dtype(monkeypatch) -> None:
-    """hvp="model" never times anything: the same model and dtype give the same choice."""
+def test_default_formulation_is_a_fixed_rule_of_the_model(monkeypatch) -> None:
+    """hvp="model" never times anything: the same model gives the same choice, any dtype."""
     import metahpo.estimators.forward as forward
     from benchmarks.workloads import _synthetic
     from metahpo.tasks.models import WideResNet
@@ -214,24 +214,30 @@ def test_default_formulation_is_a_fixed_rule_of_model_and_dtype(monkeypatch) -> 
         "cpu",
         dtype=torch.float64,
     )
+    looped, vectorised = ("rev_rev", 1), ("rev_rev", None)
     expected = [
-        (small_digits(), "rev_rev"),
-        (small_digits(dtype=torch.float32), "rev_rev"),
-        (quadratic(), "rev_rev"),
-        (_lenet(torch.float32), "rev_rev"),
-        (_lenet(torch.float64), "fwd_rev"),
-        (wrn, "rev_rev"),  # batch-norm
+        (small_digits(), vectorised),
+        (small_digits(dtype=torch.float32), vectorised),
+        (quadratic(), vectorised),
+        (_lenet(torch.float32), looped),
+        (_lenet(torch.float64), looped),
+        (wrn, looped),
     ]
     for task, formulation in expected:
         assert forward.formulation_for(task) == formulation
         assert forward.formulation_for(task.with_seed(1)) == formulation
-    hg = ForwardMode().hypergradient(_lenet(torch.float64), make_schedule(3, 1))
-    assert hg.metrics["hvp"] == "fwd_rev"
+    lenet, schedule = _lenet(torch.float64), make_schedule(3, 1)
+    hg = ForwardMode().hypergradient(lenet, schedule)
+    assert (hg.metrics["hvp"], hg.metrics["hvp_chunk_size"]) == looped
+    hg = ForwardMode(chunk_size=2).hypergradient(lenet, schedule)  # an explicit size wins
+    assert (hg.metrics["hvp"], hg.metrics["hvp_chunk_size"]) == ("rev_rev", 2)
+    hg = ForwardMode().hypergradient(small_digits(), schedule)
+    assert (hg.metrics["hvp"], hg.metrics["hvp_chunk_size"]) == vectorised
 
 
 def test_both_formulations_agree_on_lenet_in_float64() -> None:
-    """The default's fwd_rev and rev_rev (without the images' gradient) against reverse mode
-    through the unrolled run."""
+    """The default (looped rev_rev), vectorised rev_rev (without the images' gradient) and
+    fwd_rev against reverse mode through the unrolled run."""
     task, schedule = _lenet(torch.float64), make_schedule(4, 2, seed=3)
     meta, ref = unrolled_reference(task, schedule)
     for hvp in ("model", "rev_rev", "fwd_rev"):
