@@ -40,7 +40,7 @@ VARIANTS = ("rev_rev (images' gradient)", "rev_rev", "fwd_rev", "rev_rev looped"
 
 
 @contextlib.contextmanager
-def _plain() -> Iterator[None]:
+def _plain(task: Any = None) -> Iterator[None]:
     yield
 
 

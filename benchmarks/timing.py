@@ -177,7 +177,7 @@ def lower_bound_parts(task: Task, repeats: int) -> dict[str, Any]:
     def vjp_alone() -> float:
         theta = st.theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            with data_convolutions():  # as rev_rev: no images' gradient
+            with data_convolutions(task):  # as rev_rev: no images' gradient
                 value = loss(theta)
             (g,) = torch.autograd.grad(value, theta, create_graph=True)
         return _timed(lambda: torch.autograd.grad(g, theta, z), dev)

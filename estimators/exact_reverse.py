@@ -126,7 +126,7 @@ class ExactReverse:
             for t in range(schedule.horizon):
                 batch = steps.attach(t, task.batch(t))
                 params = dict(zip(names, fast, strict=True))
-                with data_convolutions():  # its double backward skips the images' gradient
+                with data_convolutions(task):  # its double backward skips the images' gradient
                     loss = task.train_loss(params, buffers, batch)
                 override = {name: [table[name][t]] for name in schedule.keys}
                 new = diffopt.step(loss, params=fast, override=override)

@@ -479,7 +479,7 @@ def grad_and_hvp(
     theta = st.theta.detach().requires_grad_(True)
     lam = tuple(v.detach().requires_grad_(True) for v in values)
     with torch.enable_grad():
-        with data_convolutions():  # no gradient wrt the images in the second backward
+        with data_convolutions(flat.task):  # no gradient wrt the images in the second backward
             value = loss(theta, lam)
         outs = torch.autograd.grad(value, (theta, *lam), create_graph=True)
         hz_parts = []

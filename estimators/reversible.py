@@ -373,7 +373,7 @@ def _grad_and_hvp_fn(flat: FlatTask, w: Tensor, batch: Batch, hvp: bool = True):
     product, through the gradient's graph)."""
     theta = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        with data_convolutions():  # its double backward skips the images' gradient
+        with data_convolutions(flat.task):  # its double backward skips the images' gradient
             loss = flat.train_loss(theta, {}, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=hvp)
     if not hvp:

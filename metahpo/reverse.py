@@ -84,7 +84,7 @@ def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) 
     tracked = state.theta.requires_grad or _has_graph(loss_hyper(batch))
     theta = state.theta if state.theta.requires_grad else state.theta.detach().requires_grad_(True)
     with torch.enable_grad():
-        with data_convolutions():  # its double backward skips the images' gradient
+        with data_convolutions(flat.task):  # its double backward skips the images' gradient
             loss = flat.train_loss(theta, state.buffers, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=tracked)
         return distributed.all_reduce_mean(g)

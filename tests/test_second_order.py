@@ -106,3 +106,17 @@ def test_reverse_estimators_are_bit_identical_without_the_images_gradient(monkey
     theirs = [e.hypergradient(task, schedule).grads for e in estimators]
     for a, b in zip(ours, theirs, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_models_without_convolutions_are_left_alone() -> None:
+    """No mode (no per-operation dispatch) for a model without a convolution layer."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from tests.conftest import small_digits
+
+    lenet = _synthetic("lenet", (1, 28, 28), lambda: LeNet(1, 28, 10), 4, torch.device("cpu"))
+    with data_convolutions(small_digits()):
+        assert len(_get_current_function_mode_stack()) == 0
+    for task in (lenet, None):  # a task without a model: the mode, to be safe
+        with data_convolutions(task):
+            assert len(_get_current_function_mode_stack()) == 1
