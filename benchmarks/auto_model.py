@@ -59,7 +59,10 @@ def compare(path: Path, rates_by_task: dict[str, Rates]) -> list[dict[str, Any]]
             "measured": measured,
             "fastest": fastest,
         }
-        for label, rates in (("constants", Rates()), ("measured_rates", rates_by_task[data.get("task", "digits")])):
+        for label, rates in (
+            ("constants", Rates()),
+            ("measured_rates", rates_by_task[data.get("task", "digits")]),
+        ):
             m = modelled(row, rates)
             cell[label] = {"model": m, "pick": min(m, key=m.__getitem__)}
         out.append(cell)

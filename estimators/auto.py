@@ -52,9 +52,7 @@ class Rates:
     source: str = "constants fitted on the digits MLP"
 
 
-def measure_rates(
-    task: Task, schedule: HyperSchedule, steps: int = 3, repeats: int = 5
-) -> Rates:
+def measure_rates(task: Task, schedule: HyperSchedule, steps: int = 3, repeats: int = 5) -> Rates:
     """:class:`Rates` for ``task``'s own model, timed on its first batches (interleaved; each
     figure called for at least 20 ms, the least of ``repeats`` rounds after a warm-up round;
     nothing kept):

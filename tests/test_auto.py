@@ -76,9 +76,10 @@ def test_calibration_changes_nothing_but_the_pick(monkeypatch: pytest.MonkeyPatc
     resumed = Auto(calibrate=True)
     resumed.load_state_dict(state)
     again = resumed.hypergradient(task, schedule)
-    assert again.metrics == first.metrics or again.metrics["auto_choice"] == first.metrics[
-        "auto_choice"
-    ]
+    assert (
+        again.metrics == first.metrics
+        or again.metrics["auto_choice"] == first.metrics["auto_choice"]
+    )
     assert again.metrics["auto_reason"] == first.metrics["auto_reason"]
     for n in first.grads:
         assert torch.equal(first.grads[n], again.grads[n])
