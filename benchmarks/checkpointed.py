@@ -46,7 +46,7 @@ from metahpo.tasks.mnist import MNIST
 
 VALUES = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
 # learned columns -> segments per type (lr, momentum, weight decay; 0: fixed, one segment)
-COLUMNS = {1: (1, 0, 0), 3: (1, 1, 1), 10: (6, 2, 2), 30: (20, 5, 5)}
+COLUMNS = {1: (1, 0, 0), 2: (1, 1, 0), 3: (1, 1, 1), 10: (6, 2, 2), 30: (20, 5, 5)}
 MIB = 2**20
 
 
