@@ -31,10 +31,14 @@ import torch
 
 from metahpo.device import CostMeter
 from metahpo.estimators.auto import Auto
-from metahpo.estimators.checkpointed_reverse import CheckpointedReverse
+from metahpo.estimators.checkpointed_reverse import (
+    CheckpointedReverse,
+    graph_bytes_per_step,
+    state_bytes,
+)
 from metahpo.estimators.exact_reverse import ExactReverse
 from metahpo.estimators.forward import ForwardMode
-from metahpo.inner import fit
+from metahpo.inner import FlatTask, Steps, fit
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.taskbase import SupervisedTask
 from metahpo.tasks.digits import Digits
@@ -42,7 +46,7 @@ from metahpo.tasks.mnist import MNIST
 
 VALUES = {"lr": 0.1, "momentum": 0.5, "weight_decay": 1e-3}
 # learned columns -> segments per type (lr, momentum, weight decay; 0: fixed, one segment)
-COLUMNS = {1: (1, 0, 0), 10: (6, 2, 2), 30: (20, 5, 5)}
+COLUMNS = {1: (1, 0, 0), 2: (1, 1, 0), 3: (1, 1, 1), 10: (6, 2, 2), 30: (20, 5, 5)}
 MIB = 2**20
 
 
@@ -101,6 +105,7 @@ def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 BUDGET_FRACTION = [0.25]  # set by --budget-fraction
+EXACT = [True]  # --no-exact: exact reverse is not run (its peak is modelled)
 
 
 def cell(
@@ -110,10 +115,16 @@ def cell(
     row: dict[str, Any] = {"T": horizon, "columns": columns}
     _, row["plain_s"], row["plain_mb"] = metered(lambda: fit(task, s))
     fwd, row["forward_s"], row["forward_mb"] = metered(lambda: ForwardMode().hypergradient(task, s))
-    for name, make in (
-        ("exact_reverse", ExactReverse),
-        ("checkpointed", CheckpointedReverse),
-    ):
+    methods: list[tuple[str, Any]] = [("checkpointed", CheckpointedReverse)]
+    if EXACT[0]:
+        methods.insert(0, ("exact_reverse", ExactReverse))
+    else:  # its tape would not fit: its peak by the model (state + T graphs), not run
+        flat = FlatTask(task)
+        state = state_bytes(Steps(flat, s).init_state(flat))
+        row["exact_reverse_s"] = None
+        row["exact_reverse_mb"] = (state + horizon * graph_bytes_per_step(flat, s)) / MIB
+        row["exact_reverse_modelled"] = True
+    for name, make in methods:
         hg, row[f"{name}_s"], row[f"{name}_mb"] = metered(
             lambda make=make: make().hypergradient(task, s)
         )
@@ -128,8 +139,9 @@ def cell(
     row["budget_mb"], row["budgeted_stretch"] = budget, hg.metrics["stretch"]
     row["budgeted_vs_forward"] = rel(hg.grads, fwd.grads)
     for label, mb in (("auto", None), ("auto_budget", budget)):
-        choice, _ = Auto(memory_mb=mb).pick(task, s)
-        row[label] = choice.name
+        for suffix, calibrate in (("", False), ("_measured", True)):
+            choice, _ = Auto(memory_mb=mb, calibrate=calibrate).pick(task, s)
+            row[label + suffix] = choice.name
     return row
 
 
@@ -137,7 +149,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| T | cols | plain s | forward s (x plain) | exact rev. s | ckpt s (k) | ckpt/exact | "
         "forward MiB | exact MiB | ckpt MiB | budget MiB: ckpt MiB, s (k) | fastest "
-        "| auto | auto in budget |\n|" + "---|" * 14
+        "| auto: constants, measured | auto in budget: constants, measured |\n|" + "---|" * 14
     )
     lines = [head]
     for r in rows:
@@ -146,14 +158,21 @@ def table(rows: list[dict[str, Any]]) -> str:
             "exact_reverse": r["exact_reverse_s"],
             "checkpointed_reverse": r["checkpointed_s"],
         }
+        times = {n: t for n, t in times.items() if t is not None}
+        exact = r["exact_reverse_s"]
+        exact_s = "not run" if exact is None else f"{exact:.2f}"
+        ratio = "-" if exact is None else f"{r['checkpointed_s'] / exact:.2f}"
+        modelled = " (model)" if r.get("exact_reverse_modelled") else ""
         lines.append(
             f"| {r['T']} | {r['columns']} | {r['plain_s']:.2f} | {r['forward_s']:.2f} "
-            f"({r['forward_s'] / r['plain_s']:.1f}x) | {r['exact_reverse_s']:.2f} | "
+            f"({r['forward_s'] / r['plain_s']:.1f}x) | {exact_s} | "
             f"{r['checkpointed_s']:.2f} ({r['stretch']}) | "
-            f"{r['checkpointed_s'] / r['exact_reverse_s']:.2f} | {r['forward_mb']:.1f} | "
-            f"{r['exact_reverse_mb']:.1f} | {r['checkpointed_mb']:.1f} | {r['budget_mb']:.1f}: "
+            f"{ratio} | {r['forward_mb']:.1f} | "
+            f"{r['exact_reverse_mb']:.1f}{modelled} | {r['checkpointed_mb']:.1f} | "
+            f"{r['budget_mb']:.1f}: "
             f"{r['budgeted_mb']:.1f}, {r['budgeted_s']:.2f} ({r['budgeted_stretch']}) | "
-            f"{min(times, key=times.__getitem__)} | {r['auto']} | {r['auto_budget']} |"
+            f"{min(times, key=times.__getitem__)} | {r['auto']}, {r.get('auto_measured', '-')} | "
+            f"{r['auto_budget']}, {r.get('auto_budget_measured', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=("digits", "lenet"), default="digits")
     p.add_argument("--horizons", type=int, nargs="+", default=[200, 800])
-    p.add_argument("--columns", type=int, nargs="+", default=list(COLUMNS), choices=COLUMNS)
+    p.add_argument("--columns", type=int, nargs="+", default=[1, 10, 30], choices=COLUMNS)
     p.add_argument("--repeats", type=int, default=3, help="runs per figure (least time)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/checkpointed"))
     p.add_argument(
@@ -171,9 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         default=0.25,
         help="checkpointed reverse's memory_mb as a fraction of exact reverse's peak",
     )
+    p.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="do not run exact reverse (its tape would not fit); its peak is modelled",
+    )
     args = p.parse_args(argv)
     REPEATS[0] = args.repeats
     BUDGET_FRACTION[0] = args.budget_fraction
+    EXACT[0] = not args.no_exact
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory()
     task = make_task(args.task, Path(tmp.name))

@@ -140,11 +140,11 @@ def test_offload_stores_states_on_the_cpu_with_the_same_result() -> None:
         assert torch.equal(a.grads[n], b.grads[n])
 
 
-@pytest.mark.parametrize("task", ["digits", "lenet"])
-def test_benchmark_script_runs_and_agrees(tmp_path, task) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("task,no_exact", [("digits", False), ("lenet", False), ("digits", True)])
+def test_benchmark_script_runs_and_agrees(tmp_path, task, no_exact) -> None:  # type: ignore[no-untyped-def]
     """benchmarks/checkpointed.py at its smallest, on the digits MLP and on LeNet (digits
     written as 28x28 MNIST files): the table is written and the three exact estimators agree
-    (float32)."""
+    (float32); with --no-exact exact reverse is modelled, not run."""
     import json
 
     from benchmarks.checkpointed import main
@@ -152,12 +152,17 @@ def test_benchmark_script_runs_and_agrees(tmp_path, task) -> None:  # type: igno
     main(
         ["--task", task, "--horizons", "6", "--columns", "1", "--repeats", "1"]
         + ["--out", str(tmp_path), "--budget-fraction", "0.5"]  # a quarter fits no T = 6 run
+        + (["--no-exact"] if no_exact else [])
     )
     out = json.loads((tmp_path / "checkpointed.json").read_text())
     assert out["task"] == task
     (row,) = out["rows"]
     assert row["T"] == 6 and row["stretch"] == 2
-    for name in ("exact_reverse", "checkpointed", "budgeted"):
+    for name in (
+        ("checkpointed", "budgeted") if no_exact else ("exact_reverse", "checkpointed", "budgeted")
+    ):
         assert row[f"{name}_vs_forward"] < 1e-4
-    assert row["auto"] in ("forward", "exact_reverse", "checkpointed_reverse")
+    assert (row["exact_reverse_s"] is None) == no_exact and row["exact_reverse_mb"] > 0
+    for label in ("auto", "auto_measured", "auto_budget", "auto_budget_measured"):
+        assert row[label] in ("forward", "exact_reverse", "checkpointed_reverse")
     assert "| 6 | 1 |" in (tmp_path / "checkpointed.md").read_text()
