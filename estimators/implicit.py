@@ -179,12 +179,12 @@ class Implicit:
         self,
         solver: Literal["cg", "neumann"] = "cg",
         damping: NonNegative = 0.0,
-        tol: Positive = 1e-6,
+        tol: Positive = 1e-5,
         max_iter: PositiveInt = 100,
         terms: PositiveInt = 50,
         alpha: Positive = 0.01,
         hessian_batches: PositiveInt | None = None,
-        hvp: Literal["fwd_rev", "rev_rev"] = "fwd_rev",
+        hvp: Literal["fwd_rev", "rev_rev"] = "rev_rev",
     ) -> None:
         self.solver, self.damping, self.tol, self.max_iter = solver, damping, tol, max_iter
         self.terms, self.alpha = terms, alpha

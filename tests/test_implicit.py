@@ -1,0 +1,243 @@
+"""estimator=implicit on the strongly convex digits logistic regression (float64): conjugate
+gradient equals the closed-form hypergradient at the optimum (a dense Hessian, written here
+independently of the task), the Neumann series converges to it as its terms grow, and forward
+mode's exact hypergradient of the unrolled run approaches it as the horizon grows."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metahpo
+from metahpo.estimators.forward import ForwardMode
+from metahpo.estimators.implicit import Implicit
+from metahpo.inner import fit
+from metahpo.optim import SGD, AdamW
+from metahpo.schedule import HyperSchedule, HyperSpec
+from metahpo.tasks.digits import DigitsLogReg
+
+N = 300  # training examples, one full batch per step: plain gradient descent with momentum
+HORIZON = 200
+L2 = [0.1 + 0.02 * c for c in range(10)]
+PER_CLASS = {"l2": {f"c{c}": (f"classes.{c}.*",) for c in range(10)}}
+KEYS = [f"l2/c{c}" for c in range(10)]
+
+
+def logreg_schedule(task, horizon=HORIZON, groups=PER_CLASS, l2=L2, lr_learned=False):  # type: ignore[no-untyped-def]
+    specs = {"lr": HyperSpec(1, (0, 1), lr_learned), "momentum": HyperSpec(1, (0, 0.99), False)}
+    values: dict = {"lr": 1.0, "momentum": 0.7}  # |grad| ~ 1e-16 after 200 steps
+    for i, g in enumerate(groups["l2"]):
+        specs[f"l2/{g}"] = HyperSpec(1, (0, 1), True)
+        values[f"l2/{g}"] = l2[i]
+    return HyperSchedule(horizon, specs, values, SGD(), groups, task.loss_hyperparameters)
+
+
+def flat_grads(grads) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch.cat([grads[k] for k in KEYS])
+
+
+def augmented(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+
+
+def losses(task, lam):  # type: ignore[no-untyped-def]
+    """Training and validation losses of ``theta`` ([10 classes x (64 weights, bias)], the
+    flat layout of PerClassLinear), written by hand."""
+    (x, y), (xv, yv) = task.data["train"], task.data["val"]
+    xa, xva = augmented(x), augmented(xv)
+
+    def train(theta: torch.Tensor) -> torch.Tensor:
+        wb = theta.reshape(10, 65)
+        return F.cross_entropy(xa @ wb.T, y) + (lam[:, None] * wb**2).sum() / 2
+
+    def val(theta: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(xva @ theta.reshape(10, 65).T, yv)
+
+    return train, val
+
+
+def closed_form(task, theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``-grad L_val^T H^-1 d2L/dw dlam`` with the dense Hessian; ``d grad L / d lam_c`` is
+    class c's block of theta."""
+    train, val = losses(task, lam)
+    H = torch.autograd.functional.hessian(train, theta, vectorize=True)
+    (g_val,) = torch.autograd.grad(val(theta.requires_grad_(True)), theta)
+    v = torch.linalg.solve(H, g_val)
+    return -(v.reshape(10, 65) * theta.detach().reshape(10, 65)).sum(1)
+
+
+def optimum(task, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The training loss's minimiser by Newton's method from ``theta``."""
+    train, _ = losses(task, lam)
+    theta = theta.detach().clone()
+    for _ in range(4):  # quadratic convergence from a converged start
+        g = torch.func.grad(train)(theta)
+        H = torch.autograd.functional.hessian(train, theta, vectorize=True)
+        theta = theta - torch.linalg.solve(H, g)
+    return theta
+
+
+@pytest.fixture(scope="module")
+def problem():  # type: ignore[no-untyped-def]
+    task = DigitsLogReg(dtype=torch.float64, n_train=N, batch_size=N)
+    schedule = logreg_schedule(task)
+    _, state = fit(task, schedule)
+    lam = torch.tensor(L2, dtype=torch.float64)
+    return task, schedule, state.theta, closed_form(task, state.theta.clone(), lam)
+
+
+def test_cg_equals_the_closed_form(problem) -> None:  # type: ignore[no-untyped-def]
+    task, schedule, _, exact = problem
+    got = Implicit(tol=1e-13, max_iter=1000).hypergradient(task, schedule)
+    assert got.metrics["implicit_train_grad_norm"] < 1e-13  # trained to convergence
+    assert got.metrics["implicit_converged"] and got.metrics["implicit_residual"] < 1e-13
+    assert 10 < got.metrics["implicit_iterations"] < 650
+    assert torch.allclose(flat_grads(got.grads), exact, rtol=1e-8, atol=0)
+    assert bool((got.grads["lr"] == 0).all())
+    # the loss of the last batch (here the whole split, permuted) defines the same H
+    last = Implicit(tol=1e-13, max_iter=1000, hessian_batches=1).hypergradient(task, schedule)
+    assert torch.allclose(flat_grads(last.grads), exact, rtol=1e-8, atol=0)
+
+
+def test_the_closed_form_is_the_derivative_at_the_optimum(problem) -> None:  # type: ignore[no-untyped-def]
+    """The reference itself: central differences of L_val(w*(lam)), w* by Newton's method."""
+    task, _, theta, exact = problem
+    lam = torch.tensor(L2, dtype=torch.float64)
+    _, val = losses(task, lam)
+    for c in (7,):
+        h = torch.zeros(10, dtype=torch.float64)
+        h[c] = 1e-5
+        plus = val(optimum(task, lam + h, theta))
+        minus = val(optimum(task, lam - h, theta))
+        assert float((plus - minus) / 2e-5) == pytest.approx(float(exact[c]), rel=1e-6)
+
+
+def test_neumann_converges_as_terms_grow(problem) -> None:  # type: ignore[no-untyped-def]
+    task, schedule, theta, exact = problem
+    train, _ = losses(task, torch.tensor(L2, dtype=torch.float64))
+    top = float(
+        torch.linalg.eigvalsh(torch.autograd.functional.hessian(train, theta, vectorize=True)).max()
+    )
+    errors = []
+    for terms in (5, 25, 125):  # the error shrinks like (1 - mu / top)^terms, mu ~ top / 13
+        est = Implicit(solver="neumann", terms=terms, alpha=1.0 / top)
+        got = est.hypergradient(task, schedule)
+        assert got.metrics["implicit_iterations"] == terms
+        errors.append(float((flat_grads(got.grads) - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-3 * errors[0]
+
+
+def test_forward_mode_approaches_implicit_as_the_horizon_grows() -> None:
+    task = DigitsLogReg(dtype=torch.float64, n_train=N, batch_size=N)
+    halves = {"l2": {"low": ("classes.[0-4].*",), "high": ("classes.[5-9].*",)}}
+    gaps = []
+    for T in (10, 30, 90):
+        schedule = logreg_schedule(task, T, halves, [0.05, 0.1])
+        fwd = ForwardMode().hypergradient(task, schedule).grads
+        imp = Implicit(tol=1e-12, max_iter=1000).hypergradient(task, schedule).grads
+        a, b = (
+            torch.cat([fwd["l2/low"], fwd["l2/high"]]),
+            torch.cat([imp["l2/low"], imp["l2/high"]]),
+        )
+        gaps.append(float((a - b).norm() / b.norm()))
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 1e-3
+
+
+def test_an_unconverged_solve_is_a_warning(problem, caplog) -> None:  # type: ignore[no-untyped-def]
+    task, schedule, _, _ = problem
+    with caplog.at_level(logging.WARNING, logger="metahpo"):
+        got = Implicit(max_iter=2, tol=1e-10).hypergradient(task, schedule)
+    assert got.metrics["implicit_iterations"] == 2 and not got.metrics["implicit_converged"]
+    assert "the cg solve did not converge: relative residual" in caplog.text
+
+
+def test_a_diverging_neumann_series_is_one_line(problem) -> None:  # type: ignore[no-untyped-def]
+    task, schedule, _, _ = problem
+    with pytest.raises(
+        metahpo.ConfigError,
+        match=r"^estimator\.alpha=10 makes the Neumann series diverge \(term \d+ is .* so alpha "
+        r"must be below [0-9.e-]+\); lower it, or use estimator\.solver=cg$",
+    ):
+        Implicit(solver="neumann", alpha=10.0).hypergradient(task, schedule)
+
+
+def test_refuses_the_optimisers_hyperparameters(problem) -> None:  # type: ignore[no-untyped-def]
+    task = problem[0]
+    with pytest.raises(
+        metahpo.ConfigError,
+        match=r"^estimator=implicit differentiates hyperparameters of the training loss only "
+        r"\(the optimiser's have no implicit derivative at an optimum\); schedule\.lr is the "
+        r"optimiser's: set its learn=false, or use forward, exact_reverse, .* or es$",
+    ):
+        Implicit().hypergradient(task, logreg_schedule(task, lr_learned=True))
+    adamw = logreg_schedule(task)
+    adamw = HyperSchedule(
+        adamw.horizon,
+        {k: v for k, v in adamw.specs.items() if k != "momentum"},
+        adamw.values,
+        AdamW(),
+        adamw.groups,
+        adamw.loss,
+    )
+    with pytest.raises(metahpo.ConfigError, match=r"^estimator=implicit: the adamw optimizer's "):
+        Implicit().check(adamw)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("estimator.damping=-1", r"^estimator\.damping=-1 must be a number >= 0"),
+        ("estimator.max_iter=0", r"^estimator\.max_iter=0 must be an integer >= 1"),
+        ("estimator.terms=0", r"^estimator\.terms=0 must be an integer >= 1"),
+        ("estimator.alpha=0", r"^estimator\.alpha=0 must be a number > 0"),
+        ("estimator.tol=0", r"^estimator\.tol=0 must be a number > 0"),
+        ("estimator.solver=lu", r"^estimator\.solver='lu'"),
+        ("estimator.hessian_batches=0", r"^estimator\.hessian_batches=0 must be"),
+    ],
+)
+def test_bad_settings_are_one_line(override: str, message: str) -> None:
+    with pytest.raises(metahpo.ConfigError, match=message) as info:
+        metahpo.compose(["estimator=implicit", override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule=loss"], r"^estimator=implicit differentiates .* schedule\.lr is the"),
+        (
+            ["task=digits_logreg", "schedule=logreg_l2", "estimator.hessian_batches=50"],
+            r"^estimator\.hessian_batches=50 must be at most the horizon \(20\)",
+        ),
+    ],
+)
+def test_refused_before_training(overrides: list[str], message: str) -> None:
+    cfg = metahpo.compose(["experiment=smoke", "estimator=implicit", *overrides])
+    with pytest.raises(metahpo.ConfigError, match=message):
+        metahpo.build.build(cfg)
+
+
+def test_results_json_carries_the_solve(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    metahpo.run(
+        [
+            "experiment=smoke",
+            "task=digits_logreg",
+            "task.n_train=200",
+            "schedule=logreg_l2",
+            "estimator=implicit",
+            "outer.steps=1",
+            "progress=false",
+            "final.seeds=[0]",
+        ],
+        tmp_path,
+    )
+    entry = json.loads((tmp_path / "results.json").read_text())["history"][0]
+    assert entry["implicit_iterations"] >= 1 and entry["implicit_residual"] >= 0
+    assert "implicit_converged" in entry and entry["implicit_train_grad_norm"] > 0
+    assert any(v != [0.0] for k, v in entry["hypergradient"].items() if k.startswith("l2/"))
