@@ -129,7 +129,7 @@ class DigitsLogReg(Digits):
     With ``l2 > 0`` on every parameter the training loss is strongly convex (cross-entropy is
     convex in the logits; the L2 penalty removes the softmax's shift invariance), so it has one
     minimiser and the implicit hypergradient there has a closed form (``tests/test_implicit.py``
-    computes it with a dense Hessian). ``configs/schedule/logreg_l2.yaml`` learns one L2
+    computes it with a dense Hessian). ``experiment=logreg_l2`` learns one L2
     coefficient per class.
     """
 

@@ -210,15 +210,18 @@ def test_bad_settings_are_one_line(override: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["schedule=loss"], r"^estimator=implicit differentiates .* schedule\.lr is the"),
         (
-            ["task=digits_logreg", "schedule=logreg_l2", "estimator.hessian_batches=50"],
+            ["experiment=smoke", "schedule=loss", "estimator=implicit"],
+            r"^estimator=implicit differentiates .* schedule\.lr is the",
+        ),
+        (
+            ["experiment=logreg_l2", "horizon=20", "estimator.hessian_batches=50"],
             r"^estimator\.hessian_batches=50 must be at most the horizon \(20\)",
         ),
     ],
 )
 def test_refused_before_training(overrides: list[str], message: str) -> None:
-    cfg = metahpo.compose(["experiment=smoke", "estimator=implicit", *overrides])
+    cfg = metahpo.compose(overrides)
     with pytest.raises(metahpo.ConfigError, match=message):
         metahpo.build.build(cfg)
 
@@ -226,11 +229,9 @@ def test_refused_before_training(overrides: list[str], message: str) -> None:
 def test_results_json_carries_the_solve(tmp_path) -> None:  # type: ignore[no-untyped-def]
     metahpo.run(
         [
-            "experiment=smoke",
-            "task=digits_logreg",
+            "experiment=logreg_l2",
+            "horizon=20",
             "task.n_train=200",
-            "schedule=logreg_l2",
-            "estimator=implicit",
             "outer.steps=1",
             "progress=false",
             "final.seeds=[0]",
