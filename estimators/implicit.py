@@ -272,9 +272,17 @@ class Implicit:
     ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
         flat = FlatTask(task)
         steps = Steps(flat, schedule)
-        T = schedule.horizon
         with torch.no_grad():
-            state = train(flat, steps, steps.init_state(flat), T)
+            state = train(flat, steps, steps.init_state(flat), schedule.horizon)
+        return self.at(flat, steps, state)
+
+    def at(
+        self, flat: FlatTask, steps: Steps, state: InnerState
+    ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
+        """``(meta_loss, grads, metrics)`` at the end ``state`` of a run with ``steps``
+        (everything after the training: the solve and the mixed term)."""
+        schedule = steps.schedule
+        T = schedule.horizon
         theta = state.theta.detach()
         meta_loss, g_val = flat.val_loss_and_grad(theta, state.buffers)
         raw = self._terms(flat, T)
