@@ -16,10 +16,10 @@ Three parts, CPU, one thread, every figure from one process:
   the implicit one's distance to the converged optimum's, and ``|grad L(w_T)|``.
 * ``mlp``: the digits MLP (64-128-10, ReLU, batch 128, float32, SGD lr 0.1, momentum 0.9) with
   one L2 coefficient per layer (``l2/hidden`` on ``0.*``, ``l2/out`` on ``2.*``, 1e-3 each):
-  forward mode against implicit (CG, damping 0, tol 1e-5, 100 iterations; and Neumann, 50
-  terms, alpha 0.01), per horizon: cosine and relative difference to forward mode, seconds and
-  peak memory (CostMeter: wall time and sampled peak heap above the start), the solve's
-  iterations and residual, ``|grad L(w_T)|`` over the training split.
+  forward mode against implicit (CG, tol 1e-5, at most 100 iterations, damping 0 and 0.1;
+  Neumann, alpha 0.01, 50 and 500 terms), per horizon: cosine and relative difference to
+  forward mode, seconds and peak memory (CostMeter: wall time and sampled peak heap above the
+  start), the solve's iterations and residual, ``|grad L(w_T)|`` over the training split.
 
 Writes ``implicit.json`` and prints markdown tables.
 """
@@ -141,7 +141,9 @@ def part_mlp(horizons: list[int]) -> dict[str, Any]:
     rows = []
     solvers = {
         "implicit_cg": Implicit(),
-        "implicit_neumann": Implicit(solver="neumann", terms=50, alpha=0.01),
+        "implicit_cg_damping_0.1": Implicit(damping=0.1),
+        "implicit_neumann_50": Implicit(solver="neumann", terms=50, alpha=0.01),
+        "implicit_neumann_500": Implicit(solver="neumann", terms=500, alpha=0.01),
     }
     for T in horizons:
         s = schedule(task, T, PER_LAYER, [1e-3, 1e-3], 0.1, 0.9)

@@ -128,8 +128,9 @@ class Implicit:
 
     solving ``(H + damping I) v = grad_w L_val`` by conjugate gradient (``solver=cg``) or the
     truncated Neumann series ``v = alpha sum_j (I - alpha H)^j grad_w L_val``
-    (``solver=neumann``), with Hessian-vector products through ``torch.func``
-    (:func:`metahpo.estimators.forward.grad_and_hvp`), then ``-v^T d2 L / dw dlambda_k`` for
+    (``solver=neumann``), with forward mode's Hessian-vector products
+    (:func:`metahpo.estimators.forward.grad_and_hvp`: double backward, or ``torch.func``'s jvp
+    of grad), then ``-v^T d2 L / dw dlambda_k`` for
     every learned key by one double backward. ``H`` includes the L2 penalty's ``l2 I`` and the
     optimiser's coupled weight decay at the final step (SGD, Adam: the inner run's fixed point
     is a stationary point of ``L + wd/2 ||w||^2``; a decoupled decay, AdamW's, must be 0).
@@ -169,7 +170,8 @@ class Implicit:
         alpha: Neumann step: must be below ``2 / lambda_max(H)`` (a larger one raises a one-line
             error when the series diverges).
         hessian_batches: None (the whole training split) or the last k batches of the run.
-        hvp: ``"fwd_rev"`` (``torch.func`` jvp of grad) or ``"rev_rev"`` (double backward).
+        hvp: ``"rev_rev"`` (double backward; the faster on CPU for the digits models) or
+            ``"fwd_rev"`` (``torch.func`` jvp of grad).
     """
 
     name = "implicit"
