@@ -145,6 +145,9 @@ def part_mlp(horizons: list[int]) -> dict[str, Any]:
         "implicit_neumann_50": Implicit(solver="neumann", terms=50, alpha=0.01),
         "implicit_neumann_500": Implicit(solver="neumann", terms=500, alpha=0.01),
     }
+    warm = schedule(task, 10, PER_LAYER, [1e-3, 1e-3], 0.1, 0.9)
+    for est in (ForwardMode(), *solvers.values()):  # one-time allocations out of the figures
+        est.hypergradient(task, warm)
     for T in horizons:
         s = schedule(task, T, PER_LAYER, [1e-3, 1e-3], 0.1, 0.9)
         fwd, secs, peak = metered(lambda: ForwardMode().hypergradient(task, s))  # noqa: B023
