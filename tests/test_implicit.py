@@ -132,6 +132,40 @@ def test_neumann_converges_as_terms_grow(problem) -> None:  # type: ignore[no-un
     assert errors[2] < 1e-3 * errors[0]
 
 
+def test_label_smoothing_and_one_l2(problem) -> None:  # type: ignore[no-untyped-def]
+    """A hyperparameter that is not a penalty: the mixed term of label smoothing, against the
+    closed form with ``d grad L / d (l2, s)`` by ``torch.func`` of a hand-written loss."""
+    task = problem[0]
+    (x, y), (xv, yv) = task.data["train"], task.data["val"]
+    xa, xva = augmented(x), augmented(xv)
+    hyper = torch.tensor([0.1, 0.2], dtype=torch.float64)  # l2, label smoothing
+
+    def train(theta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        wb = theta.reshape(10, 65)
+        logp = F.log_softmax(xa @ wb.T, dim=-1)
+        nll = -logp.gather(1, y[:, None]).mean()
+        return (1 - h[1]) * nll + h[1] * -logp.mean() + h[0] * (wb**2).sum() / 2
+
+    specs = {
+        "lr": HyperSpec(1, (0, 1), False),
+        "momentum": HyperSpec(1, (0, 0.99), False),
+        "l2": HyperSpec(1, (0, 1), True),
+        "label_smoothing": HyperSpec(1, (0, 0.5), True),
+    }
+    values = {"lr": 1.0, "momentum": 0.7, "l2": 0.1, "label_smoothing": 0.2}
+    schedule = HyperSchedule(HORIZON, specs, values, SGD(), None, task.loss_hyperparameters)
+    got = Implicit(tol=1e-13, max_iter=1000).hypergradient(task, schedule)
+    assert got.metrics["implicit_train_grad_norm"] < 1e-13
+    _, state = fit(task, schedule)
+    theta = state.theta
+    H = torch.func.hessian(train)(theta, hyper)
+    B = torch.func.jacrev(torch.func.grad(train), argnums=1)(theta, hyper)  # [P, 2]
+    g_val = torch.func.grad(lambda t: F.cross_entropy(xva @ t.reshape(10, 65).T, yv))(theta)
+    exact = -(torch.linalg.solve(H, g_val) @ B)
+    both = torch.cat([got.grads["l2"], got.grads["label_smoothing"]])
+    assert torch.allclose(both, exact, rtol=1e-8, atol=0)
+
+
 def test_forward_mode_approaches_implicit_as_the_horizon_grows() -> None:
     task = DigitsLogReg(dtype=torch.float64, n_train=N, batch_size=N)
     halves = {"l2": {"low": ("classes.[0-4].*",), "high": ("classes.[5-9].*",)}}
@@ -226,19 +260,23 @@ def test_refused_before_training(overrides: list[str], message: str) -> None:
         metahpo.build.build(cfg)
 
 
-def test_results_json_carries_the_solve(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    metahpo.run(
-        [
-            "experiment=logreg_l2",
-            "horizon=20",
-            "task.n_train=200",
-            "outer.steps=1",
-            "progress=false",
-            "final.seeds=[0]",
-        ],
-        tmp_path,
-    )
+ARGS = [
+    "experiment=logreg_l2",
+    "horizon=20",
+    "task.n_train=200",
+    "outer.steps=1",
+    "progress=false",
+    "final.seeds=[0]",
+]
+
+
+def test_results_json_carries_the_solve_and_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    metahpo.run(ARGS, tmp_path)
     entry = json.loads((tmp_path / "results.json").read_text())["history"][0]
     assert entry["implicit_iterations"] >= 1 and entry["implicit_residual"] >= 0
     assert "implicit_converged" in entry and entry["implicit_train_grad_norm"] > 0
     assert any(v != [0.0] for k, v in entry["hypergradient"].items() if k.startswith("l2/"))
+    # no state of its own: a resumed run continues from the checkpoint like any other
+    args = [a.replace("outer.steps=1", "outer.steps=2") for a in ARGS]
+    again = metahpo.run(args, tmp_path)
+    assert again["outer_steps"] == 2 and again["history"][0] == entry
