@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import metahpo
 from metahpo.estimators.forward import ForwardMode
 from metahpo.estimators.implicit import Implicit
-from metahpo.inner import fit
+from metahpo.inner import Steps, fit
 from metahpo.optim import SGD, AdamW
 from metahpo.schedule import HyperSchedule, HyperSpec
 from metahpo.tasks.digits import DigitsLogReg
@@ -85,13 +85,20 @@ def optimum(task, lam: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # ty
 def problem():  # type: ignore[no-untyped-def]
     task = DigitsLogReg(dtype=torch.float64, n_train=N, batch_size=N)
     schedule = logreg_schedule(task)
-    _, state = fit(task, schedule)
+    flat, state = fit(task, schedule)
     lam = torch.tensor(L2, dtype=torch.float64)
-    return task, schedule, state.theta, closed_form(task, state.theta.clone(), lam)
+    return task, schedule, state.theta, closed_form(task, state.theta.clone(), lam), (flat, state)
+
+
+def at_the_end(problem, estimator: Implicit):  # type: ignore[no-untyped-def]
+    """The estimate at the fixture's trained weights (the run is not repeated)."""
+    _, schedule, _, _, (flat, state) = problem
+    _, grads, metrics = estimator.at(flat, Steps(flat, schedule), state)
+    return grads, metrics
 
 
 def test_cg_equals_the_closed_form(problem) -> None:  # type: ignore[no-untyped-def]
-    task, schedule, _, exact = problem
+    task, schedule, _, exact, _ = problem
     got = Implicit(tol=1e-13, max_iter=1000).hypergradient(task, schedule)
     assert got.metrics["implicit_train_grad_norm"] < 1e-13  # trained to convergence
     assert got.metrics["implicit_converged"] and got.metrics["implicit_residual"] < 1e-13
@@ -105,7 +112,7 @@ def test_cg_equals_the_closed_form(problem) -> None:  # type: ignore[no-untyped-
 
 def test_the_closed_form_is_the_derivative_at_the_optimum(problem) -> None:  # type: ignore[no-untyped-def]
     """The reference itself: central differences of L_val(w*(lam)), w* by Newton's method."""
-    task, _, theta, exact = problem
+    task, _, theta, exact, _ = problem
     lam = torch.tensor(L2, dtype=torch.float64)
     _, val = losses(task, lam)
     for c in (7,):
@@ -117,17 +124,16 @@ def test_the_closed_form_is_the_derivative_at_the_optimum(problem) -> None:  # t
 
 
 def test_neumann_converges_as_terms_grow(problem) -> None:  # type: ignore[no-untyped-def]
-    task, schedule, theta, exact = problem
+    task, _, theta, exact, _ = problem
     train, _ = losses(task, torch.tensor(L2, dtype=torch.float64))
     top = float(
         torch.linalg.eigvalsh(torch.autograd.functional.hessian(train, theta, vectorize=True)).max()
     )
     errors = []
     for terms in (5, 25, 125):  # the error shrinks like (1 - mu / top)^terms, mu ~ top / 13
-        est = Implicit(solver="neumann", terms=terms, alpha=1.0 / top)
-        got = est.hypergradient(task, schedule)
-        assert got.metrics["implicit_iterations"] == terms
-        errors.append(float((flat_grads(got.grads) - exact).norm() / exact.norm()))
+        grads, metrics = at_the_end(problem, Implicit(solver="neumann", terms=terms, alpha=1 / top))
+        assert metrics["implicit_iterations"] == terms
+        errors.append(float((flat_grads(grads) - exact).norm() / exact.norm()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-3 * errors[0]
 
@@ -184,21 +190,19 @@ def test_forward_mode_approaches_implicit_as_the_horizon_grows() -> None:
 
 
 def test_an_unconverged_solve_is_a_warning(problem, caplog) -> None:  # type: ignore[no-untyped-def]
-    task, schedule, _, _ = problem
     with caplog.at_level(logging.WARNING, logger="metahpo"):
-        got = Implicit(max_iter=2, tol=1e-10).hypergradient(task, schedule)
-    assert got.metrics["implicit_iterations"] == 2 and not got.metrics["implicit_converged"]
+        _, metrics = at_the_end(problem, Implicit(max_iter=2, tol=1e-10))
+    assert metrics["implicit_iterations"] == 2 and not metrics["implicit_converged"]
     assert "the cg solve did not converge: relative residual" in caplog.text
 
 
 def test_a_diverging_neumann_series_is_one_line(problem) -> None:  # type: ignore[no-untyped-def]
-    task, schedule, _, _ = problem
     with pytest.raises(
         metahpo.ConfigError,
         match=r"^estimator\.alpha=10 makes the Neumann series diverge \(term \d+ is .* so alpha "
         r"must be below [0-9.e-]+\); lower it, or use estimator\.solver=cg$",
     ):
-        Implicit(solver="neumann", alpha=10.0).hypergradient(task, schedule)
+        at_the_end(problem, Implicit(solver="neumann", alpha=10.0))
 
 
 def test_refuses_the_optimisers_hyperparameters(problem) -> None:  # type: ignore[no-untyped-def]
@@ -270,13 +274,17 @@ ARGS = [
 ]
 
 
-def test_results_json_carries_the_solve_and_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_results_json_carries_the_solve(tmp_path) -> None:  # type: ignore[no-untyped-def]
     metahpo.run(ARGS, tmp_path)
     entry = json.loads((tmp_path / "results.json").read_text())["history"][0]
     assert entry["implicit_iterations"] >= 1 and entry["implicit_residual"] >= 0
     assert "implicit_converged" in entry and entry["implicit_train_grad_norm"] > 0
     assert any(v != [0.0] for k, v in entry["hypergradient"].items() if k.startswith("l2/"))
-    # no state of its own: a resumed run continues from the checkpoint like any other
-    args = [a.replace("outer.steps=1", "outer.steps=2") for a in ARGS]
-    again = metahpo.run(args, tmp_path)
-    assert again["outer_steps"] == 2 and again["history"][0] == entry
+
+
+@pytest.mark.slow
+def test_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No state of its own: a resumed run continues from the checkpoint like any other."""
+    first = metahpo.run(ARGS, tmp_path)
+    again = metahpo.run([a.replace("outer.steps=1", "outer.steps=2") for a in ARGS], tmp_path)
+    assert again["outer_steps"] == 2 and again["history"][0] == first["history"][0]
