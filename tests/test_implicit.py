@@ -268,6 +268,7 @@ ARGS = [
     "experiment=logreg_l2",
     "horizon=20",
     "task.n_train=200",
+    "task.batch_size=100",
     "outer.steps=1",
     "progress=false",
     "final.seeds=[0]",
