@@ -105,9 +105,48 @@ def test_cg_equals_the_closed_form(problem) -> None:  # type: ignore[no-untyped-
     assert 10 < got.metrics["implicit_iterations"] < 650
     assert torch.allclose(flat_grads(got.grads), exact, rtol=1e-8, atol=0)
     assert bool((got.grads["lr"] == 0).all())
-    # the loss of the last batch (here the whole split, permuted) defines the same H
-    last = Implicit(tol=1e-13, max_iter=1000, hessian_batches=1).hypergradient(task, schedule)
-    assert torch.allclose(flat_grads(last.grads), exact, rtol=1e-8, atol=0)
+    # the loss of the last batch (here the whole split, permuted) defines the same H, and the
+    # torch.func formulation of the Hessian-vector products gives the same
+    for est in (Implicit(tol=1e-13, max_iter=1000, hessian_batches=1, hvp="fwd_rev"),):
+        grads, _ = at_the_end(problem, est)
+        assert torch.allclose(flat_grads(grads), exact, rtol=1e-8, atol=0)
+
+
+def test_several_segments_get_the_final_steps_derivative(problem) -> None:  # type: ignore[no-untyped-def]
+    """Two segments of equal values train exactly as one; the estimate is the derivative with
+    respect to the values in force at the last step, so only the last segment receives it."""
+    _, schedule, _, exact, (flat, state) = problem
+    specs = {k: HyperSpec(2, v.bounds, v.learn) for k, v in schedule.specs.items()}
+    two = HyperSchedule(
+        schedule.horizon,
+        specs,
+        {k: v.repeat(2) for k, v in schedule.values.items()},
+        schedule.optimizer,
+        schedule.groups,
+        schedule.loss,
+    )
+    _, grads, _ = Implicit(tol=1e-13, max_iter=1000).at(flat, Steps(flat, two), state)
+    assert all(float(grads[k][0]) == 0.0 for k in KEYS)
+    assert torch.allclose(torch.stack([grads[k][1] for k in KEYS]), exact, rtol=1e-8, atol=0)
+
+
+def test_the_optimisers_weight_decay_is_part_of_the_hessian(problem) -> None:  # type: ignore[no-untyped-def]
+    """SGD's coupled weight decay moves the fixed point to a minimum of L + wd/2 |w|^2: the
+    closed form with every class's L2 raised by wd (and the mixed term unchanged)."""
+    task = problem[0]
+    schedule = logreg_schedule(task)
+    wd = 0.05
+    specs = {**schedule.specs, "weight_decay": HyperSpec(1, (0, 1), False)}
+    values = {**schedule.values, "weight_decay": torch.tensor([wd], dtype=torch.float64)}
+    schedule = HyperSchedule(
+        schedule.horizon, specs, values, schedule.optimizer, schedule.groups, schedule.loss
+    )
+    got = Implicit(tol=1e-13, max_iter=1000).hypergradient(task, schedule)
+    assert got.metrics["implicit_train_grad_norm"] < 1e-12
+    _, state = fit(task, schedule)
+    lam = torch.tensor(L2, dtype=torch.float64)
+    exact = closed_form(task, state.theta.clone(), lam + wd)
+    assert torch.allclose(flat_grads(got.grads), exact, rtol=1e-8, atol=0)
 
 
 def test_the_closed_form_is_the_derivative_at_the_optimum(problem) -> None:  # type: ignore[no-untyped-def]
