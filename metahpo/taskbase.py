@@ -179,6 +179,22 @@ class SupervisedTask:
             xb = self.augment(xb, g)
         return StepBatch(xb, y[idx], self.seed * 1_000_003 + 7919 * step + 2)
 
+    def train_set(self) -> list[tuple[Batch, float]]:
+        """The whole training split as ``(batch, share)`` chunks of ``eval_batch_size``
+        examples, shares summing to 1: ``sum share * train_loss(batch)`` is the mean training
+        loss over the split (what ``estimator=implicit`` differentiates at; no augmentation;
+        random layers draw one fixed set of masks, from the task's seed)."""
+        x, y = self.data["train"]
+        n = len(y)
+        seed = self.seed * 1_000_003 + 3
+        return [
+            (
+                StepBatch(x[i : i + self.eval_batch_size], y[i : i + self.eval_batch_size], seed),
+                min(self.eval_batch_size, n - i) / n,
+            )
+            for i in range(0, n, self.eval_batch_size)
+        ]
+
     def _masks(self, batch: Batch) -> AbstractContextManager[object]:
         """Within the block, random layers draw from ``batch``'s own seed (when it has one)."""
         seed = getattr(batch, "seed", None)

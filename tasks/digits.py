@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import torch
@@ -10,7 +10,7 @@ from annotated_types import Ge, Lt
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch import nn
+from torch import Tensor, nn
 
 from metahpo.core import ConfigError
 from metahpo.taskbase import SupervisedTask
@@ -41,6 +41,8 @@ def _first_line(error: Exception) -> str:
 
 @checked("task")
 class Digits(SupervisedTask):
+    name = "digits"
+
     """1797 8x8 grey-level digits (10 classes), standardised with training statistics.
 
     The test split is stratified and fixed by ``split_seed``; the validation split (the meta
@@ -91,12 +93,71 @@ class Digits(SupervisedTask):
         }
         hidden = tuple(hidden)
         super().__init__(
-            "digits",
+            self.name,
             data,
-            lambda: mlp(64, hidden, 10, activation, dropout),
+            self._model(hidden, activation, dropout),
             loss="cross_entropy",
             batch_size=batch_size,
             seed=seed,
             device=torch.device(device),
             dtype=dtype,
         )
+
+    @staticmethod
+    def _model(hidden: tuple[int, ...], activation: str, dropout: float) -> Callable[[], nn.Module]:
+        return lambda: mlp(64, hidden, 10, activation, dropout)
+
+
+class PerClassLinear(nn.Module):
+    """Multinomial logistic regression's linear map with one ``Linear(n_in, 1)`` per class:
+    parameters ``classes.<c>.weight`` and ``classes.<c>.bias``, so that a group of parameters
+    per class is the pattern ``classes.<c>.*`` (a per-class L2 coefficient)."""
+
+    def __init__(self, n_in: int, n_classes: int) -> None:
+        super().__init__()
+        self.classes = nn.ModuleList(nn.Linear(n_in, 1) for _ in range(n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([c(x) for c in self.classes], dim=-1)
+
+
+@checked("task")
+class DigitsLogReg(Digits):
+    """Multinomial logistic regression on the digits (``task=digits_logreg``): the data and
+    splits of :class:`Digits`, the model :class:`PerClassLinear` (650 parameters).
+
+    With ``l2 > 0`` on every parameter the training loss is strongly convex (cross-entropy is
+    convex in the logits; the L2 penalty removes the softmax's shift invariance), so it has one
+    minimiser and the implicit hypergradient there has a closed form (``tests/test_implicit.py``
+    computes it with a dense Hessian). ``experiment=logreg_l2`` learns one L2
+    coefficient per class.
+    """
+
+    name = "digits_logreg"
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: PositiveInt = 128,
+        val_fraction: Fraction = 0.2,
+        test_fraction: Fraction = 0.2,
+        n_train: PositiveInt | None = None,
+        split_seed: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            n_train=n_train,
+            split_seed=split_seed,
+        )
+
+    @staticmethod
+    def _model(hidden: tuple[int, ...], activation: str, dropout: float) -> Callable[[], nn.Module]:
+        return lambda: PerClassLinear(64, 10)
