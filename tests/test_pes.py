@@ -11,6 +11,7 @@ import torch
 import metahpo
 from metahpo.core import ConfigError
 from metahpo.estimators.es import EvolutionStrategies
+from metahpo.estimators.forward import ForwardMode
 from metahpo.estimators.pes import PersistentES, persistent_es
 from metahpo.inner import FlatTask
 from metahpo.reverse import window_hypergradient
@@ -52,6 +53,9 @@ def test_unbiased_for_the_sum_of_window_losses_where_truncation_is_not() -> None
     task = quadratic(n_train=32, batch_size=8)
     schedule, K = lr_schedule(6), 1
     exact, truncated = window_sums(task, schedule, K)
+    assert float(ForwardMode(window=K).hypergradient(task, schedule).grads["lr"][0]) == (
+        pytest.approx(exact, rel=1e-10)
+    )
     out = persistent_es(task, schedule, K, 0.01, 96, torch.Generator().manual_seed(0))
     pes, se = float(out.total["lr"][0]), float(out.stderr["lr"][0])
     assert abs(pes - exact) <= 3 * se, (pes, exact, se)
@@ -59,6 +63,28 @@ def test_unbiased_for_the_sum_of_window_losses_where_truncation_is_not() -> None
     assert abs(truncated - exact) > 0.3 * abs(exact)  # the bias is large, not marginal
     assert out.schedule is schedule  # no move: the schedule stayed fixed
     assert [w["steps"] for w in out.windows] == [[t, t + 1] for t in range(6)]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_forward_mode_offers_the_same_objective(window: int) -> None:
+    """``estimator.window``: forward mode's gradient of the sum of the validation losses every
+    W steps equals the sum of exact reverse-mode hypergradients of each window end."""
+    task = quadratic(n_train=32, batch_size=8)
+    specs = {n: HyperSpec(2, b) for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99))]}
+    values = {"lr": torch.tensor([0.1, 0.05]), "momentum": torch.tensor([0.5, 0.3])}
+    schedule = HyperSchedule(7, specs, values)
+    flat = FlatTask(task)
+    init = flat.init_state(schedule.optimizer)
+    ends = [*range(window, 7, window), 7]
+    parts = [window_hypergradient(flat, schedule, init, e) for e in ends]
+    hg = ForwardMode(window=window).hypergradient(task, schedule)
+    for k in specs:
+        want = sum(p.grads[k] for p in parts)
+        torch.testing.assert_close(hg.grads[k], want, rtol=1e-10, atol=1e-14)
+    assert hg.meta_loss == pytest.approx(sum(p.meta_loss for p in parts), rel=1e-12)
+    assert hg.metrics["final_val_loss"] == pytest.approx(parts[-1].meta_loss, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"^estimator\.window=8 must be .* horizon \(7\)$"):
+        ForwardMode(window=8).hypergradient(task, schedule)
 
 
 def test_one_window_is_plain_es() -> None:
