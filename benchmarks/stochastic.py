@@ -2,7 +2,8 @@
 references, and the three loss-hyperparameter learners on noisy-label digits.
 
 ``python -m benchmarks.stochastic {pes_bias,es_cosine,evograd_cosine,noisy_labels} [--quick]
-[--out docs/stochastic]``
+[--out docs/stochastic]``; ``python -m benchmarks.stochastic report`` prints the tables of
+docs/estimators.md from the JSON files.
 
 All on CPU, one thread, small budgets (stated in each JSON's ``setup`` and in
 docs/estimators.md):
@@ -361,6 +362,85 @@ def noisy_labels(quick: bool) -> dict[str, Any]:
     return {"setup": setup, "rows": rows}
 
 
+def _pm(mean: float, std: float | None, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def report(out: Path) -> str:
+    """Markdown tables of the JSON files in ``out`` (those that exist)."""
+    parts = []
+    if (out / "pes_bias.json").exists():
+        r = json.loads((out / "pes_bias.json").read_text())
+        parts.append(
+            "| K | exact | truncated | PES ± s.e. | PES within 3 s.e. | truncated off by (s.e.) |"
+        )
+        parts.append("|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            parts.append(
+                f"| {x['K']} | {x['exact']:.2f} | {x['truncated']:.2f} | "
+                f"{x['pes']:.2f} ± {x['pes_stderr']:.2f} | {'yes' if x['pes_within_3se'] else 'no'}"
+                f" | {x['truncated_off_by_se']:.1f} |"
+            )
+        parts.append("")
+    if (out / "es_cosine.json").exists():
+        r = json.loads((out / "es_cosine.json").read_text())
+        parts.append("| pairs | cosine (raw units) | cosine (scaled by bounds) | seconds |")
+        parts.append("|---|---|---|---|")
+        for x in r["rows"]:
+            parts.append(
+                f"| {x['pairs']} | {_pm(x['cosine_mean'], x['cosine_std'], 2)} | "
+                f"{_pm(x['scaled_cosine_mean'], x['scaled_cosine_std'], 2)} | "
+                f"{x['seconds_mean']:.1f} |"
+            )
+        parts.append("")
+    if (out / "evograd_cosine.json").exists():
+        r = json.loads((out / "evograd_cosine.json").read_text())
+        sigmas = sorted({x["sigma"] for x in r["rows"]})
+        parts.append("| K | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |")
+        parts.append("|---" * (len(sigmas) + 1) + "|")
+        for k in sorted({x["K"] for x in r["rows"]}):
+            cells = [
+                _pm(x["cosine_mean"], x["cosine_std"], 2)
+                for s in sigmas
+                for x in r["rows"]
+                if x["K"] == k and x["sigma"] == s
+            ]
+            parts.append(f"| {k} | " + " | ".join(cells) + " |")
+        parts.append("")
+        parts.append("| estimator | ms per inner step | peak MiB |")
+        parts.append("|---|---|---|")
+        for c in r["cost"]:
+            parts.append(
+                f"| {c['estimator']} | {1e3 * c['seconds_per_step']:.1f} | {c['peak_mib']:.2f} |"
+            )
+        parts.append("")
+    if (out / "noisy_labels.json").exists():
+        r = json.loads((out / "noisy_labels.json").read_text())
+        parts.append(
+            "| arm | test accuracy | estimator seconds (run) | peak MiB | label smoothing | L2 |"
+        )
+        parts.append("|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            secs = (
+                _pm(x["estimator_seconds"], x.get("estimator_seconds_std"), 1)
+                if "estimator_seconds" in x
+                else "-"
+            )
+            peak = f"{x['peak_mib']:.1f}" if "peak_mib" in x else "-"
+            ls = x.get("label_smoothing_per_seed")
+            l2 = x.get("l2_per_seed")
+            ls_txt = (
+                "; ".join("[" + ", ".join(f"{v:.3f}" for v in s) + "]" for s in ls) if ls else "0"
+            )
+            l2_txt = ", ".join(f"{s[0]:.4f}" for s in l2) if l2 else "0"
+            parts.append(
+                f"| {x['arm']} | {_pm(x['test_accuracy'], x.get('test_accuracy_std'), 4)} | "
+                f"{secs} | {peak} | {ls_txt} | {l2_txt} |"
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
 EXPERIMENTS = {
     "pes_bias": pes_bias,
     "es_cosine": es_cosine,
@@ -371,10 +451,13 @@ EXPERIMENTS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stochastic")
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("experiment", choices=[*sorted(EXPERIMENTS), "report"])
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if args.experiment == "report":
+        print(report(args.out))
+        return 0
     torch.set_num_threads(1)
     start = time.perf_counter()
     result = EXPERIMENTS[args.experiment](args.quick)

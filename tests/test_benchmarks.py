@@ -131,3 +131,23 @@ def test_threads_benchmark_times_every_count_and_restores_torchs() -> None:
     assert len(cases) == 6 and len(out["rows"]) == 12
     assert all(r["min_s"] > 0 for r in out["rows"])
     assert all(r["ratio_to_first"] == 1.0 for r in out["rows"] if r["threads"] == 1)
+
+
+def test_stochastic_tables_in_the_docs_are_the_json_files() -> None:
+    """docs/estimators.md's PES, ES and EvoGrad tables are what benchmarks.stochastic's JSON
+    files (docs/stochastic/) render to, row for row."""
+    from benchmarks.stochastic import report
+
+    docs = (ROOT / "docs" / "estimators.md").read_text()
+    rows = [r for r in report(ROOT / "docs" / "stochastic").splitlines() if r.startswith("| ")]
+    assert len(rows) >= 20
+    missing = [r for r in rows if r not in docs]
+    assert not missing, missing
+
+
+def test_stochastic_benchmark_rejects_an_unknown_experiment(capsys) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.stochastic import main as stochastic
+
+    with pytest.raises(SystemExit):
+        stochastic(["nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
