@@ -18,7 +18,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.parameterisation import Constant
-from metahpo.reverse import check_window
+from metahpo.reverse import check_window, window_ends
 from metahpo.schedule import HyperSchedule
 from metahpo.validation import Positive, PositiveInt, checked
 
@@ -253,15 +253,16 @@ class ForwardMode:
             dvalues = {k: cols.tangent(k, t, a) for k in learned}
             return propagate(steps, t, st, g, Z[:a], tuple(s[:a] for s in S), hz[0], dvalues)
 
-        sums: list[Any] = [0.0, torch.zeros(len(cols), device=dev, dtype=dt)]  # earlier windows
+        T = schedule.horizon
+        ends = set(window_ends(self.window, T)[:-1])  # the objective's earlier terms
+        sums: list[Any] = [0.0, torch.zeros(len(cols), device=dev, dtype=dt)]
 
         def window_end(t: int, before: InnerState, after: InnerState, batch: Batch) -> None:
-            if self.window is not None and (t + 1) % self.window == 0 and t + 1 < T:
+            if t + 1 in ends:
                 loss, g = flat.val_loss_and_grad(after.theta, after.buffers)
                 sums[0] += loss
                 sums[1] += Z @ g
 
-        T = schedule.horizon
         state = train(flat, steps, state, T, grad_fn=grad_fn, step_fn=step_fn, on_step=window_end)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
         grads = cols.grads(Z @ g_val + sums[1])

@@ -11,6 +11,7 @@ import torch
 import metahpo
 from metahpo.core import ConfigError
 from metahpo.estimators.es import EvolutionStrategies
+from metahpo.estimators.exact_reverse import ExactReverse
 from metahpo.estimators.forward import ForwardMode
 from metahpo.estimators.pes import PersistentES, persistent_es
 from metahpo.inner import FlatTask
@@ -65,10 +66,12 @@ def test_unbiased_for_the_sum_of_window_losses_where_truncation_is_not() -> None
     assert [w["steps"] for w in out.windows] == [[t, t + 1] for t in range(6)]
 
 
+@pytest.mark.parametrize("estimator", [ForwardMode, ExactReverse])
 @pytest.mark.parametrize("window", [1, 3, 7])
-def test_forward_mode_offers_the_same_objective(window: int) -> None:
-    """``estimator.window``: forward mode's gradient of the sum of the validation losses every
-    W steps equals the sum of exact reverse-mode hypergradients of each window end."""
+def test_exact_estimators_offer_the_same_objective(estimator, window: int) -> None:  # type: ignore[no-untyped-def]
+    """``estimator.window``: forward mode's and exact reverse's gradient of the sum of the
+    validation losses every W steps equals the sum of the window ends' exact hypergradients
+    (reverse mode from step 0 to each)."""
     task = quadratic(n_train=32, batch_size=8)
     specs = {n: HyperSpec(2, b) for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99))]}
     values = {"lr": torch.tensor([0.1, 0.05]), "momentum": torch.tensor([0.5, 0.3])}
@@ -77,14 +80,14 @@ def test_forward_mode_offers_the_same_objective(window: int) -> None:
     init = flat.init_state(schedule.optimizer)
     ends = [*range(window, 7, window), 7]
     parts = [window_hypergradient(flat, schedule, init, e) for e in ends]
-    hg = ForwardMode(window=window).hypergradient(task, schedule)
+    hg = estimator(window=window).hypergradient(task, schedule)
     for k in specs:
         want = sum(p.grads[k] for p in parts)
         torch.testing.assert_close(hg.grads[k], want, rtol=1e-10, atol=1e-14)
     assert hg.meta_loss == pytest.approx(sum(p.meta_loss for p in parts), rel=1e-12)
     assert hg.metrics["final_val_loss"] == pytest.approx(parts[-1].meta_loss, rel=1e-12)
     with pytest.raises(ConfigError, match=r"^estimator\.window=8 must be .* horizon \(7\)$"):
-        ForwardMode(window=8).hypergradient(task, schedule)
+        estimator(window=8).hypergradient(task, schedule)
 
 
 def test_one_window_is_plain_es() -> None:
