@@ -1,7 +1,8 @@
 """The stochastic estimators measured: PES against truncation, ES and EvoGrad against exact
 references, and the three loss-hyperparameter learners on noisy-label digits.
 
-``python -m benchmarks.stochastic {pes_bias,es_cosine,evograd_cosine,noisy_labels,edge} [--quick]
+``python -m benchmarks.stochastic {pes_bias,es_cosine,evograd_cosine,evograd_cost,noisy_labels,
+edge} [--quick]
 [--out docs/stochastic]``; ``python -m benchmarks.stochastic report`` prints the tables of
 docs/estimators.md from the JSON files.
 
@@ -22,6 +23,9 @@ docs/estimators.md):
   label smoothing in 3 segments and an L2 per group (hidden, out) learned, T = 30; cosine of
   EvoGrad's summed per-step estimates with ``greedy`` W = 1's exact one-step hypergradients
   against K and sigma (tau 0.05), 3 seeds; seconds and peak memory per inner step of both.
+- ``evograd_cost``: seconds and peak memory per inner step of ``greedy`` W = 1 and EvoGrad
+  (K = 2, 4, 8) on the digits MLP (64-128-10) and LeNet (MNIST-format digits stand-in), batch
+  128, float32, T = 20, label smoothing and L2 learned.
 - ``noisy_labels``: digits (default MLP, float32) with 30 % of the training labels flipped;
   ``schedule=loss`` with the optimiser fixed at the baseline (lr 0.1, momentum 0.9, weight
   decay 5e-4, one segment each), label smoothing (5 segments) and L2 learned from zero by
@@ -292,6 +296,51 @@ def evograd_cosine(quick: bool) -> dict[str, Any]:
     return {"setup": setup, "rows": rows, "cost": costs}
 
 
+def evograd_cost(quick: bool) -> dict[str, Any]:
+    import tempfile
+
+    from benchmarks.checkpointed import make_task
+
+    horizon, repeats = (5, 1) if quick else (20, 2)
+    Ks = (2,) if quick else (2, 4, 8)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for name in ("digits", "lenet"):
+            task = make_task(name, Path(root))
+            specs = {
+                "lr": HyperSpec(1, (0.0, 1.0), learn=False),
+                "momentum": HyperSpec(1, (0.0, 0.99), learn=False),
+                "label_smoothing": HyperSpec(1, (0.0, 0.5)),
+                "l2": HyperSpec(1, (0.0, 0.01)),
+            }
+            values = {"lr": 0.05, "momentum": 0.9, "label_smoothing": 0.05, "l2": 1e-3}
+            schedule = HyperSchedule(horizon, specs, values, None, None, task.loss_hyperparameters)
+            arms: dict[str, Any] = {"greedy W=1": Greedy(W=1)}
+            arms.update({f"evograd K={k}": EvoGrad(K=k) for k in Ks})
+            for arm, est in arms.items():
+                calls = [
+                    metered(lambda: est.hypergradient(task, schedule))  # noqa: B023
+                    for _ in range(repeats)
+                ]
+                rows.append(
+                    {
+                        "task": name,
+                        "estimator": arm,
+                        "seconds_per_step": min(c[1] for c in calls) / horizon,
+                        "peak_mib": statistics.median(c[2] for c in calls),
+                    }
+                )
+                print(rows[-1], flush=True)
+    setup = {
+        "tasks": "digits MLP 64-128-10 and LeNet on the MNIST-format digits stand-in "
+        "(benchmarks.checkpointed), batch 128, float32",
+        "horizon": horizon,
+        "schedule": "lr 0.05, momentum 0.9 fixed; label smoothing and L2, one segment each",
+        "cost": f"least seconds per inner step and median sampled peak heap over {repeats} calls",
+    }
+    return {"setup": setup, "rows": rows}
+
+
 # -- noisy-label digits ----------------------------------------------------------------------------
 def noisy_labels(quick: bool) -> dict[str, Any]:
     import metahpo
@@ -497,6 +546,16 @@ def report(out: Path) -> str:
                 f"| {c['estimator']} | {1e3 * c['seconds_per_step']:.1f} | {c['peak_mib']:.2f} |"
             )
         parts.append("")
+    if (out / "evograd_cost.json").exists():
+        r = json.loads((out / "evograd_cost.json").read_text())
+        parts.append("| task | estimator | ms per inner step | peak MiB |")
+        parts.append("|---|---|---|---|")
+        for c in r["rows"]:
+            parts.append(
+                f"| {c['task']} | {c['estimator']} | {1e3 * c['seconds_per_step']:.1f} | "
+                f"{c['peak_mib']:.1f} |"
+            )
+        parts.append("")
     if (out / "noisy_labels.json").exists():
         r = json.loads((out / "noisy_labels.json").read_text())
         parts.append(
@@ -543,6 +602,7 @@ EXPERIMENTS = {
     "pes_bias": pes_bias,
     "es_cosine": es_cosine,
     "evograd_cosine": evograd_cosine,
+    "evograd_cost": evograd_cost,
     "noisy_labels": noisy_labels,
     "edge": edge,
 }
