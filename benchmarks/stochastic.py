@@ -617,9 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment == "report":
         print(report(args.out))
         return 0
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = EXPERIMENTS[args.experiment](args.quick)
+    try:
+        result = EXPERIMENTS[args.experiment](args.quick)
+    finally:
+        torch.set_num_threads(threads)
     result["seconds"] = time.perf_counter() - start
     result["quick"] = args.quick
     args.out.mkdir(parents=True, exist_ok=True)

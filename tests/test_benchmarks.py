@@ -151,3 +151,12 @@ def test_stochastic_benchmark_rejects_an_unknown_experiment(capsys) -> None:  # 
     with pytest.raises(SystemExit):
         stochastic(["nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_stochastic_benchmark_runs_at_the_smoke_size(tmp_path: Path) -> None:
+    from benchmarks.stochastic import main as stochastic
+
+    assert stochastic(["evograd_cost", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "evograd_cost.json").read_text())
+    assert {r["task"] for r in result["rows"]} == {"digits", "lenet"}
+    assert all(r["seconds_per_step"] > 0 and math.isfinite(r["peak_mib"]) for r in result["rows"])
