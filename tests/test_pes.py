@@ -162,3 +162,14 @@ def test_a_window_longer_than_the_horizon_is_refused_before_training(monkeypatch
     )
     with pytest.raises(ConfigError, match=r"^estimator=pes scales its noise by .*lr\.bounds"):
         PersistentES(K=2).hypergradient(task, unbounded)
+
+
+def test_only_values_in_force_in_a_window_are_perturbed() -> None:
+    from metahpo.estimators.pes import window_masks
+
+    specs = {"lr": HyperSpec(2, (0.0, 1.0)), "momentum": HyperSpec(1, (0.0, 0.99))}
+    schedule = HyperSchedule(8, specs, {"lr": [0.1, 0.2], "momentum": 0.5})
+    keys = ["lr", "momentum"]
+    assert window_masks(schedule, keys, 0, 4).tolist() == [1.0, 0.0, 1.0]
+    assert window_masks(schedule, keys, 4, 8).tolist() == [0.0, 1.0, 1.0]
+    assert window_masks(schedule, keys, 2, 6).tolist() == [1.0, 1.0, 1.0]
