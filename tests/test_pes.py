@@ -173,3 +173,21 @@ def test_only_values_in_force_in_a_window_are_perturbed() -> None:
     assert window_masks(schedule, keys, 0, 4).tolist() == [1.0, 0.0, 1.0]
     assert window_masks(schedule, keys, 4, 8).tolist() == [0.0, 1.0, 1.0]
     assert window_masks(schedule, keys, 2, 6).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_any_optimiser_and_loss_hyperparameters() -> None:
+    """No derivatives needed: Adam with label smoothing and a per-group L2 learned."""
+    from metahpo.optim import Adam
+    from tests.conftest import small_digits
+    from tests.test_loss_hyperparameters import loss_schedule
+
+    task = small_digits()
+    schedule = loss_schedule(task, Adam())
+    hg = PersistentES(K=3, pairs=2).hypergradient(task, schedule)
+    assert hg.schedule is not None and len(hg.metrics["pes_windows"]) == 3
+    for k in schedule.learned:
+        assert bool(torch.isfinite(hg.grads[k]).all()), k
+    moved = [
+        k for k in schedule.learned if not torch.equal(hg.schedule.values[k], schedule.values[k])
+    ]
+    assert "label_smoothing" in moved and "lr" in moved
