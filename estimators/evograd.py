@@ -18,7 +18,7 @@ from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.schedule import HyperSchedule, split_key
 from metahpo.validation import Positive, checked
 
-CAN = "forward, exact_reverse, checkpointed_reverse, truncated_reverse, greedy or es"
+CAN = "forward, exact_reverse, checkpointed_reverse, truncated_reverse, greedy, es or pes"
 
 
 def evograd_estimate(

@@ -18,6 +18,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
 from metahpo.parameterisation import Constant
+from metahpo.reverse import check_window, window_ends
 from metahpo.schedule import HyperSchedule
 from metahpo.second_order import data_convolutions
 from metahpo.validation import Positive, PositiveInt, checked
@@ -164,6 +165,11 @@ class ForwardMode:
         tangents: ``"auto"`` (default): plain SGD without groups takes the hand-written
             recurrence (:func:`sgd_propagate`, faster), everything else the generic jvp;
             ``"generic"``: always the jvp. ``metrics["tangents"]`` reports the one used.
+        window: None (default): the meta-objective is the final validation loss. ``W``: it is
+            the **sum of the validation losses every W steps** (after steps W, 2W, ..., and at
+            the end), the objective ``estimator=pes`` is unbiased for, for like-for-like
+            comparisons: ``meta_loss`` is that sum (``metrics["final_val_loss"]`` the last
+            term) and ``grads`` its exact gradient, at ``T / W`` extra validation gradients.
     """
 
     name = "forward"
@@ -176,9 +182,11 @@ class ForwardMode:
         clamp_grad: Positive | None = None,
         clamp_hvp: Positive | None = None,
         tangents: TangentMode = "auto",
+        window: PositiveInt | None = None,
     ) -> None:
         # argument types and ranges: checked from these hints (metahpo.validation)
         self.tangents = tangents
+        self.window = window
         self.hvp = hvp
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad
@@ -192,7 +200,13 @@ class ForwardMode:
         """The exact derivative of the inner run it runs (``clamp_grad``'s run is clamped)."""
         return self.clamp_hvp is None
 
+    def check(self, schedule: HyperSchedule) -> None:
+        """Raise ConfigError unless ``window`` (if set) fits the horizon."""
+        if self.window is not None:
+            check_window("window", self.window, schedule.horizon)
+
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
         with CostMeter(task.device) as cost:
             meta_loss, grads, metrics = self._run(task, schedule)
         return Hypergradient(meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics)
@@ -254,10 +268,23 @@ class ForwardMode:
             dvalues = {k: cols.tangent(k, t, a) for k in learned}
             return propagate(steps, t, st, g, Z[:a], tuple(s[:a] for s in S), hz[0], dvalues)
 
-        state = train(flat, steps, state, schedule.horizon, grad_fn=grad_fn, step_fn=step_fn)
+        T = schedule.horizon
+        ends = set(window_ends(self.window, T)[:-1])  # the objective's earlier terms
+        sums: list[Any] = [0.0, torch.zeros(len(cols), device=dev, dtype=dt)]
+
+        def window_end(t: int, before: InnerState, after: InnerState, batch: Batch) -> None:
+            if t + 1 in ends:
+                loss, g = flat.val_loss_and_grad(after.theta, after.buffers)
+                sums[0] += loss
+                sums[1] += Z @ g
+
+        state = train(flat, steps, state, T, grad_fn=grad_fn, step_fn=step_fn, on_step=window_end)
         meta_loss, g_val = flat.val_loss_and_grad(state.theta, state.buffers)
-        grads = cols.grads(Z @ g_val)
+        grads = cols.grads(Z @ g_val + sums[1])
         metrics: dict[str, Any] = {"val_accuracy": flat.evaluate(state, "val")["accuracy"]}
+        if self.window is not None:
+            metrics["final_val_loss"] = meta_loss
+            meta_loss += sums[0]
         metrics["hvp"], metrics["hvp_chunk_size"] = self._setting(key)
         metrics["tangents"] = "sgd" if fast else "generic"
         return meta_loss, grads, metrics

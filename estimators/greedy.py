@@ -21,8 +21,9 @@ STEP_FRACTION = 0.02  # a key without a step size steps by this fraction of its 
 
 
 class Online:
-    """Estimators that move the schedule during their one run (``greedy``, ``evograd``): sign or
-    gradient steps on the raw values, and a result carrying the schedule the run ended with.
+    """Estimators that move the schedule during their run (``greedy``, ``evograd``, ``pes``):
+    sign or gradient steps on the raw values (:meth:`_step`), and a result carrying the schedule
+    the run ended with.
 
     Subclasses set ``update`` and ``step_size`` and define ``check(schedule)`` and
     ``_run(task, schedule) -> (meta_loss, grads, final schedule, metrics)``.
@@ -44,12 +45,26 @@ class Online:
         power = 1 if self.update == "sign" else 2
         return raw_steps("estimator.step_size", self.step_size, schedule, STEP_FRACTION, power)
 
+    def _step(self, schedule: HyperSchedule, grads: Mapping[str, Tensor]) -> HyperSchedule:
+        """One hyper-step on the learned raw values (``h -= s_h sign(g)`` or ``h -= s_h g``),
+        projected into their bounds; a zero gradient leaves its value where it is."""
+        new, sizes = {}, self._sizes(schedule)
+        for name in schedule.learned:
+            g = grads[name]
+            direction = torch.sign(g) if self.update == "sign" else g
+            new[name] = schedule.values[name] - sizes[name] * direction
+        return schedule.replace(new).project()
+
+    #: inner runs per call, each of the horizon (``inner_steps`` = runs x horizon)
+    runs_per_call = 1
+
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
         self.check(schedule)
         with CostMeter(task.device) as cost:
             meta_loss, grads, final, metrics = self._run(task, schedule)
+        steps = self.runs_per_call * schedule.horizon
         return Hypergradient(
-            meta_loss, grads, cost.seconds, cost.peak, schedule.horizon, metrics, schedule=final
+            meta_loss, grads, cost.seconds, cost.peak, steps, metrics, schedule=final
         )
 
 
@@ -137,12 +152,3 @@ class Greedy(Online):
             "greedy_windows": windows,
         }
         return meta_loss, total, schedule, metrics
-
-    def _step(self, schedule: HyperSchedule, grads: Mapping[str, Tensor]) -> HyperSchedule:
-        """One hyper-step on the values the window touched (the others have zero gradient)."""
-        new, sizes = {}, self._sizes(schedule)
-        for name in schedule.learned:
-            g = grads[name]
-            direction = torch.sign(g) if self.update == "sign" else g
-            new[name] = schedule.values[name] - sizes[name] * direction
-        return schedule.replace(new).project()

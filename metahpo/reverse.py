@@ -74,6 +74,16 @@ def check_window(key: str, value: object, horizon: int | None = None) -> int:
     raise ConfigError(f"estimator.{key}={value!r} must be an integer from 1 to {upper}")
 
 
+def window_ends(window: int | None, horizon: int) -> list[int]:
+    """The steps after which the meta-objective takes a validation loss: ``[horizon]`` (the
+    final loss) without a window; else ``window, 2 window, ...`` and ``horizon`` (the sum of the
+    window-end losses, the objective ``estimator=pes`` is unbiased for; ``estimator.window``
+    of ``forward`` and ``exact_reverse``)."""
+    if window is None:
+        return [horizon]
+    return [*range(window, horizon, window), horizon]
+
+
 def grad_with_graph(flat: FlatTask, step: int, state: InnerState, batch: Batch) -> Tensor:
     """Training gradient that keeps its graph (a ``grad_fn`` for :func:`metahpo.inner.train`).
 

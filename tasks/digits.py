@@ -19,6 +19,20 @@ from metahpo.validation import Fraction, NonNegativeInt, PositiveInt, checked
 
 #: A dropout probability: 0 (none) up to, not including, 1.
 DropoutRate = Annotated[float, Ge(0), Lt(1)]
+#: A share of training labels to flip: 0 (none) up to, not including, 1.
+NoiseRate = Annotated[float, Ge(0), Lt(1)]
+
+
+def flip_labels(y: Tensor, fraction: float, n_classes: int, seed: int) -> Tensor:
+    """``y`` with ``round(fraction len(y))`` labels, chosen by ``seed``, each replaced by one of
+    the other ``n_classes - 1`` classes drawn uniformly: exactly that share is wrong."""
+    g = torch.Generator().manual_seed(seed)
+    n = round(fraction * len(y))
+    idx = torch.randperm(len(y), generator=g)[:n]
+    shift = torch.randint(1, n_classes, (n,), generator=g)
+    out = y.clone()
+    out[idx] = (y[idx] + shift) % n_classes
+    return out
 
 
 def mlp(
@@ -49,6 +63,10 @@ class Digits(SupervisedTask):
     objective) is held out from the rest. ``n_train`` caps the training set (small test configs).
     ``dropout`` after every hidden layer draws its masks per step from the step's seed
     (:class:`metahpo.taskbase.SupervisedTask`): runs are reproducible and exact.
+    ``label_noise`` flips that share of the training labels to another class, chosen by
+    ``label_noise_seed`` (:func:`flip_labels`); validation and test labels stay clean, so the
+    meta-objective measures generalisation to clean labels (where learning the loss's
+    hyperparameters, e.g. label smoothing, can help).
     """
 
     def __init__(
@@ -65,6 +83,8 @@ class Digits(SupervisedTask):
         test_fraction: Fraction = 0.2,
         n_train: PositiveInt | None = None,
         split_seed: NonNegativeInt = 0,
+        label_noise: NoiseRate = 0.0,
+        label_noise_seed: NonNegativeInt = 0,
     ) -> None:
         x, y = load_digits(return_X_y=True)
         try:  # stratified: every split must hold each of the 10 classes
@@ -86,8 +106,11 @@ class Digits(SupervisedTask):
         def tensors(xs, ys):  # type: ignore[no-untyped-def]
             return torch.as_tensor(scaler.transform(xs)), torch.as_tensor(ys, dtype=torch.long)
 
+        train = tensors(x_train, y_train)
+        if label_noise > 0:
+            train = (train[0], flip_labels(train[1], label_noise, 10, label_noise_seed))
         data = {
-            "train": tensors(x_train, y_train),
+            "train": train,
             "val": tensors(x_val, y_val),
             "test": tensors(x_test, y_test),
         }

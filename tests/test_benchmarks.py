@@ -146,3 +146,32 @@ def test_hvp_formulations_benchmark_times_every_variant_and_checks_bits() -> Non
         assert r["bit_identical"]
         assert set(r["min"]) == set(hvp_formulations.VARIANTS)
         assert all(s > 0 for s in r["min"].values())
+
+
+def test_stochastic_tables_in_the_docs_are_the_json_files() -> None:
+    """docs/estimators.md's PES, ES and EvoGrad tables are what benchmarks.stochastic's JSON
+    files (docs/stochastic/) render to, row for row."""
+    from benchmarks.stochastic import report
+
+    docs = (ROOT / "docs" / "estimators.md").read_text()
+    rows = [r for r in report(ROOT / "docs" / "stochastic").splitlines() if r.startswith("| ")]
+    assert len(rows) >= 20
+    missing = [r for r in rows if r not in docs]
+    assert not missing, missing
+
+
+def test_stochastic_benchmark_rejects_an_unknown_experiment(capsys) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.stochastic import main as stochastic
+
+    with pytest.raises(SystemExit):
+        stochastic(["nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_stochastic_benchmark_runs_at_the_smoke_size(tmp_path: Path) -> None:
+    from benchmarks.stochastic import main as stochastic
+
+    assert stochastic(["evograd_cost", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "evograd_cost.json").read_text())
+    assert {r["task"] for r in result["rows"]} == {"digits", "lenet"}
+    assert all(r["seconds_per_step"] > 0 and math.isfinite(r["peak_mib"]) for r in result["rows"])

@@ -85,7 +85,7 @@ def test_cli_from_a_wheel_with_a_users_config_dir(venv: Path, project: Path) -> 
     bad = _run([metahpo, "--config-dir", "myconfigs", "task=blobz"], project)
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
-        "metahpo: error: task='blobz' is unknown; allowed: blobs, cifar10, digits, "
+        "metahpo: error: task='blobz' is unknown; allowed: blobs, cifar10, digits, digits_logreg, "
         "fashion_mnist, mnist, quadratic, svhn"
     )
 
