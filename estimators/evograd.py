@@ -12,10 +12,10 @@ import annotated_types as at
 import torch
 from torch import Tensor
 
-from metahpo.core import Batch, ConfigError, Task
+from metahpo.core import Batch, Task
 from metahpo.estimators.greedy import Online
 from metahpo.inner import FlatTask, InnerState, Steps, train
-from metahpo.schedule import HyperSchedule, split_key
+from metahpo.schedule import HyperSchedule, require_loss_keys
 from metahpo.validation import Positive, checked
 
 CAN = "forward, exact_reverse, checkpointed_reverse, truncated_reverse, greedy, es or pes"
@@ -94,15 +94,9 @@ class EvoGrad(Online):
 
     def check(self, schedule: HyperSchedule) -> None:
         """Raise ConfigError unless every learned key is a hyperparameter of the loss."""
-        other = [k for k in schedule.learned if k not in schedule.loss_keys]
-        if other:
-            raise ConfigError(
-                f"estimator=evograd sees hyperparameters of the training loss only; "
-                f"schedule.{split_key(other[0])[0]} is the optimiser's: set its learn=false, "
-                f"or use {CAN}"
-            )
-        if not schedule.learned:
-            raise ConfigError("estimator=evograd: no hyperparameter of the loss is learned")
+        require_loss_keys(
+            schedule, "evograd", "sees hyperparameters of the training loss only", CAN
+        )
         self._sizes(schedule)
 
     def _run(

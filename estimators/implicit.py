@@ -17,7 +17,7 @@ from metahpo.core import Batch, ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter
 from metahpo.estimators.forward import grad_and_hvp
 from metahpo.inner import FlatTask, InnerState, Steps, train
-from metahpo.schedule import HyperSchedule, split_key
+from metahpo.schedule import HyperSchedule, require_loss_keys, split_key
 from metahpo.validation import NonNegative, Positive, PositiveInt, checked
 
 log = logging.getLogger("metahpo")
@@ -195,16 +195,13 @@ class Implicit:
     def check(self, schedule: HyperSchedule) -> None:
         """Raise ConfigError unless every learned key is a hyperparameter of the loss (and the
         rest of the settings fit the schedule)."""
-        other = [k for k in schedule.learned if k not in schedule.loss_keys]
-        if other:
-            raise ConfigError(
-                f"estimator=implicit differentiates hyperparameters of the training loss only "
-                f"(the optimiser's have no implicit derivative at an optimum); "
-                f"schedule.{split_key(other[0])[0]} is the optimiser's: set its learn=false, "
-                f"or use {CAN}"
-            )
-        if not schedule.learned:
-            raise ConfigError("estimator=implicit: no hyperparameter of the loss is learned")
+        require_loss_keys(
+            schedule,
+            "implicit",
+            "differentiates hyperparameters of the training loss only (the optimiser's have no "
+            "implicit derivative at an optimum)",
+            CAN,
+        )
         if self.hessian_batches is not None and self.hessian_batches > schedule.horizon:
             raise ConfigError(
                 f"estimator.hessian_batches={self.hessian_batches} must be at most the "

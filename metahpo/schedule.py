@@ -260,6 +260,20 @@ class HyperSchedule:
         return f"HyperSchedule(T={self.horizon}, {parts})"
 
 
+def require_loss_keys(schedule: HyperSchedule, estimator: str, why: str, can: str) -> None:
+    """Raise ConfigError in one line unless ``schedule`` learns at least one key and only keys
+    of the training loss (estimators that see nothing else: ``why`` says so, ``can`` names the
+    estimators that differentiate the rest)."""
+    other = [k for k in schedule.learned if k not in schedule.loss_keys]
+    if other:
+        raise ConfigError(
+            f"estimator={estimator} {why}; schedule.{split_key(other[0])[0]} is the "
+            f"optimiser's: set its learn=false, or use {can}"
+        )
+    if not schedule.learned:
+        raise ConfigError(f"estimator={estimator}: no hyperparameter of the loss is learned")
+
+
 def unknown_hyperparameter(
     name: str,
     optimizer: InnerOptimizer | type[InnerOptimizer],
