@@ -311,6 +311,7 @@ def test_gpu_experiments_are_marked_and_their_cpu_line_gives_the_cost(
     plain = OmegaConf.to_container(cfg.schedule, resolve=True)
     schedule = schedule_from_config(plain, cfg.horizon, optimizer_from_config(cfg.optimizer), {})
     monkeypatch.setattr(auto, "plain_step_seconds", lambda task, schedule, steps=3: 0.532)
+    monkeypatch.setattr(auto, "measure_rates", lambda task, schedule, **kw: auto.Rates())
     line = _cpu_fallback(
         cfg, SimpleNamespace(task=None, schedule=schedule, estimator=ForwardMode())
     )
