@@ -419,10 +419,18 @@ def noisy_labels(quick: bool) -> dict[str, Any]:
 
 # -- from the edge of stability ------------------------------------------------------------------
 def edge(quick: bool) -> dict[str, Any]:
+    return _edge(80 if quick else 400, 2 if quick else 6, 50, quick)
+
+
+def edge_long(quick: bool) -> dict[str, Any]:
+    """``edge`` at T = 2000 (the issue's T >= 2000), 5 outer steps, PES windows of 250 steps
+    (8 windows, as at T = 400)."""
+    return _edge(200 if quick else 2000, 1 if quick else 5, 25 if quick else 250, quick)
+
+
+def _edge(horizon: int, steps: int, window: int, quick: bool) -> dict[str, Any]:
     import metahpo
 
-    horizon = 80 if quick else 400
-    steps = 2 if quick else 6
     seeds = SEEDS[:1] if quick else SEEDS
     base = [
         "task=digits",
@@ -441,7 +449,12 @@ def edge(quick: bool) -> dict[str, Any]:
     arms = {
         "forward": ["estimator=forward"],
         "es": ["estimator=es", "estimator.pairs=4", "estimator.sigma=0.01"],
-        "pes": ["estimator=pes", "estimator.pairs=4", "estimator.sigma=0.01", "estimator.K=50"],
+        "pes": [
+            "estimator=pes",
+            "estimator.pairs=4",
+            "estimator.sigma=0.01",
+            f"estimator.K={window}",
+        ],
     }
     per: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
     for seed in seeds:
@@ -470,7 +483,7 @@ def edge(quick: bool) -> dict[str, Any]:
                     "learned_schedule": {k: v["values"] for k, v in r["learned_schedule"].items()},
                 }
             )
-            print(seed, name, per[name][-1]["test_accuracy"], flush=True)
+            print(seed, name, per[name][-1]["test_accuracy"], f"{wall:.0f} s", flush=True)
     rows = []
     for name, runs in per.items():
         row: dict[str, Any] = {"arm": name, "runs": runs}
@@ -605,6 +618,7 @@ EXPERIMENTS = {
     "evograd_cost": evograd_cost,
     "noisy_labels": noisy_labels,
     "edge": edge,
+    "edge_long": edge_long,
 }
 
 

@@ -16,7 +16,7 @@ from metahpo.core import Batch, Task
 from metahpo.estimators.greedy import Online
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.schedule import HyperSchedule, require_loss_keys
-from metahpo.validation import Positive, checked
+from metahpo.validation import Accept, Positive, Tolerance, checked
 
 CAN = "forward, exact_reverse, checkpointed_reverse, truncated_reverse, greedy, es or pes"
 
@@ -76,6 +76,9 @@ class EvoGrad(Online):
         update: ``"sign"`` or ``"gradient"``.
         step_size: per key, name or ``default``, in the hyperparameter's units (a key with
             none steps by 2 % of its bounds' width).
+        accept: ``"finite"`` or ``"meta_loss"`` (:class:`~metahpo.estimators.greedy.Guard`,
+            each step a window: one more validation loss per step).
+        tolerance: the rise ``accept="meta_loss"`` allows, as a fraction of the best loss.
     """
 
     name = "evograd"
@@ -88,8 +91,11 @@ class EvoGrad(Online):
         tau: Positive = 0.05,
         update: Literal["sign", "gradient"] = "sign",
         step_size: Mapping[str, Positive] | None = None,
+        accept: Accept = "finite",
+        tolerance: Tolerance = 0.1,
     ) -> None:
         self.K, self.sigma, self.tau, self.update = K, sigma, tau, update
+        self.accept, self.tolerance = accept, tolerance
         self.step_size = {str(k): float(v) for k, v in (step_size or {}).items()}
 
     def check(self, schedule: HyperSchedule) -> None:
@@ -105,17 +111,24 @@ class EvoGrad(Online):
         flat = FlatTask(task)
         steps = Steps(flat, schedule)  # the optimiser's values; the loss's are set per step
         keys, T = list(schedule.learned), schedule.horizon
-        raw = {k: schedule.values[k].clone() for k in keys}
         total = {k: torch.zeros_like(v) for k, v in schedule.values.items()}
-        sizes = self._sizes(schedule)
-        lo_hi = {k: schedule.raw_bounds(k) for k in keys}
         x = torch.cat([schedule.values[k] for k in keys])
         gen = torch.Generator().manual_seed(
             int(task.seed) * 1_000_003 + zlib.crc32(x.numpy().tobytes())
         )
         dev, dt = task.device, task.dtype
+        guard, guarded = self._guard(), self.accept == "meta_loss"
+        # the values in force and, once step t is taken, their estimate g_t: the move to the
+        # next values waits for the loss after step t (the guard's window end)
+        now: dict[str, Any] = {"schedule": schedule, "grads": None}
+
+        def advance(t: int, loss: float) -> None:
+            if now["grads"] is not None:
+                now["schedule"] = guard.move(now["schedule"], now["grads"], loss, (t - 1, t))
 
         def grad_fn(t: int, st: InnerState, batch: Batch) -> Tensor:
+            advance(t, float(flat.val_loss(st.theta, st.buffers)) if guarded else math.nan)
+            raw = now["schedule"].values
             leaves = {k: raw[k].detach().requires_grad_(True) for k in keys}
             with torch.enable_grad():
                 at_t = {
@@ -128,22 +141,25 @@ class EvoGrad(Online):
 
                 surrogate = evograd_estimate(flat, st, loss, gen, self.K, self.sigma, self.tau)
                 got = torch.autograd.grad(surrogate, [leaves[k] for k in keys], allow_unused=True)
+            grads = {k: torch.zeros_like(v) for k, v in raw.items()}
             for k, g in zip(keys, got, strict=True):
-                g = torch.zeros_like(raw[k]) if g is None else g.detach().to(torch.float64)
-                total[k] += g
-                direction = torch.sign(g) if self.update == "sign" else g
-                raw[k] = torch.minimum(
-                    torch.maximum(raw[k] - sizes[k] * direction, lo_hi[k][0]), lo_hi[k][1]
-                )
-            # the step itself with the values in force before this update
+                if g is not None:
+                    grads[k] = g.detach().to(torch.float64)
+                total[k] += grads[k]
+            now["grads"] = grads
+            # the step itself with the values in force
             plain = steps.attach(t, batch, {k: v.detach() for k, v in at_t.items()})
             return flat.grad(t, st, plain)
 
         with torch.no_grad():
             state = train(flat, steps, steps.init_state(flat), T, grad_fn=grad_fn)
         meta_loss = float(flat.val_loss(state.theta, state.buffers))
-        final = schedule.replace(raw)
-        metrics = {"val_accuracy": flat.evaluate(state, "val")["accuracy"], "evograd_K": self.K}
+        advance(T, meta_loss)
+        metrics = {
+            "val_accuracy": flat.evaluate(state, "val")["accuracy"],
+            "evograd_K": self.K,
+            **guard.metrics(),
+        }
         if not math.isfinite(meta_loss):
             metrics["diverged"] = True
-        return meta_loss, total, final, metrics
+        return meta_loss, total, now["schedule"], metrics

@@ -17,10 +17,11 @@ from metahpo.estimators.greedy import Online
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.reverse import check_window
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import Fraction, Positive, PositiveInt, checked
+from metahpo.validation import Accept, Fraction, Positive, PositiveInt, Tolerance, checked
 
-#: ``(schedule in force, window's per-key estimate) -> schedule for the next window``
-Move = Callable[[HyperSchedule, dict[str, Tensor]], HyperSchedule]
+#: ``(schedule in force, window's per-key estimate, unperturbed run's loss at the window's end,
+#: (begin, stop)) -> schedule for the next window``
+Move = Callable[[HyperSchedule, dict[str, Tensor], float, tuple[int, int]], HyperSchedule]
 
 
 @dataclass
@@ -126,7 +127,7 @@ def persistent_es(
         if move is not None:
             grads = {k: torch.zeros_like(v) for k, v in schedule.values.items()}
             grads.update(dict(zip(keys, estimate.split(sizes), strict=True)))
-            schedule = move(schedule, grads)
+            schedule = move(schedule, grads, val_loss, (begin, stop))
     total = totals.mean(0)
     se = totals.std(0) / math.sqrt(pairs) if pairs > 1 else torch.full_like(total, math.inf)
     return PESRun(
@@ -180,7 +181,8 @@ class PersistentES(Online):
     and one validation loss per particle per window; no graph, no second derivatives.
     The noise comes from a generator seeded by the task's seed and the schedule's values, and
     the particles start from the task's initial state at every call, so nothing but the
-    schedule carries over between calls: a resumed run repeats its estimates bit for bit.
+    schedule and the guard's step factor (``state_dict``, in the checkpoint) carries over
+    between calls: a resumed run repeats its estimates bit for bit.
 
     Args:
         K: steps per window, from 1 to the horizon.
@@ -189,6 +191,9 @@ class PersistentES(Online):
         update: ``"sign"`` or ``"gradient"``.
         step_size: per key, name or ``default``, in the hyperparameter's units (a key with
             none steps by 2 % of its bounds' width).
+        accept: ``"finite"`` or ``"meta_loss"`` (:class:`~metahpo.estimators.greedy.Guard` on
+            the unperturbed run's window-end validation loss).
+        tolerance: the rise ``accept="meta_loss"`` allows, as a fraction of the best loss.
     """
 
     name = "pes"
@@ -201,8 +206,11 @@ class PersistentES(Online):
         pairs: PositiveInt = 8,
         update: Literal["sign", "gradient"] = "sign",
         step_size: Mapping[str, Positive] | None = None,
+        accept: Accept = "finite",
+        tolerance: Tolerance = 0.1,
     ) -> None:
         self.K, self.sigma, self.pairs, self.update = K, sigma, pairs, update
+        self.accept, self.tolerance = accept, tolerance
         self.step_size = {str(k): float(v) for k, v in (step_size or {}).items()}
 
     @property
@@ -229,7 +237,8 @@ class PersistentES(Online):
         gen = torch.Generator().manual_seed(
             int(task.seed) * 1_000_003 + zlib.crc32(x.numpy().tobytes())
         )
-        out = persistent_es(task, schedule, self.K, self.sigma, self.pairs, gen, self._step)
+        guard = self._guard()
+        out = persistent_es(task, schedule, self.K, self.sigma, self.pairs, gen, guard.move)
         flat = FlatTask(task)
         meta_loss = out.windows[-1]["val_loss"]
         grads = {k: torch.zeros_like(v) for k, v in schedule.values.items()}
@@ -243,5 +252,6 @@ class PersistentES(Online):
             "pes_stderr": _relative(se, g),
             "pes_stderr_values": {k: v.tolist() for k, v in out.stderr.items()},
             "pes_windows": out.windows,
+            **guard.metrics(),
         }
         return meta_loss, grads, out.schedule, metrics

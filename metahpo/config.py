@@ -22,12 +22,14 @@ from metahpo.core import ConfigError
 from metahpo.optim import Hyperparameter, InnerOptimizer
 from metahpo.schedule_config import schedule_from_config
 from metahpo.validation import (
+    Accept,
     Allowed,
     Node,
     NonNegative,
     NonNegativeInt,
     Positive,
     PositiveInt,
+    Tolerance,
     check_arguments,
     check_model,
     check_node,
@@ -214,9 +216,9 @@ class _Outer(Node):
     clip: Annotated[Positive | None, Field(description="null: no clipping")]
     select: Literal["best", "last"]
     max_failures: PositiveInt
-    accept: Literal["finite", "meta_loss"]
+    accept: Accept
     tolerance: Annotated[
-        NonNegative,
+        Tolerance,
         Field(
             description="the meta-loss rise allowed over the best accepted one, as a fraction of it"
         ),

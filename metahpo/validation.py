@@ -49,6 +49,12 @@ NonNegative = Annotated[float, at.Ge(0)]
 Fraction = Annotated[float, at.Gt(0), at.Lt(1)]
 #: A number in [0, 1) (a moving-average coefficient: Adam's betas).
 Decay = Annotated[float, at.Ge(0), at.Lt(1)]
+#: Which steps are kept (``outer.accept``, and online estimators' ``accept``): ``finite``, all
+#: whose training did not diverge; ``meta_loss``, also none whose (window-end) validation loss
+#: rises above ``1 + tolerance`` times the best so far.
+Accept = Literal["finite", "meta_loss"]
+#: The rise ``accept=meta_loss`` allows over the best loss so far, as a fraction of it.
+Tolerance = Annotated[float, at.Ge(0)]
 
 
 @dataclass(frozen=True)
