@@ -455,6 +455,13 @@ def _edge(horizon: int, steps: int, window: int, quick: bool) -> dict[str, Any]:
             "estimator.sigma=0.01",
             f"estimator.K={window}",
         ],
+        "pes_guard": [
+            "estimator=pes",
+            "estimator.pairs=4",
+            "estimator.sigma=0.01",
+            f"estimator.K={window}",
+            "estimator.accept=meta_loss",
+        ],
     }
     per: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
     for seed in seeds:
@@ -478,6 +485,11 @@ def _edge(horizon: int, steps: int, window: int, quick: bool) -> dict[str, Any]:
                     "baseline_test_accuracy": r["final"]["baseline"]["test_accuracy"],
                     "max_abs_hypergradient": biggest,
                     "rejected_steps": r["rejected_steps"],
+                    "stopped": r["stopped"],
+                    "outer_steps": r["outer_steps"],
+                    "online_rejections": sum(
+                        len(h.get("online_rejections", [])) for h in r["history"]
+                    ),
                     "estimator_seconds": r["estimator_seconds"],
                     "wall_seconds": wall,
                     "learned_schedule": {k: v["values"] for k, v in r["learned_schedule"].items()},

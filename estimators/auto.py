@@ -19,8 +19,9 @@ from metahpo.estimators.checkpointed_reverse import (
     stretch_for_budget,
 )
 from metahpo.inner import FlatTask, Steps, train
+from metahpo.reverse import check_window
 from metahpo.schedule import HyperSchedule
-from metahpo.validation import Positive, checked
+from metahpo.validation import Positive, PositiveInt, checked
 
 #: Seconds per inner step in units of a plain training step, measured side by side on the
 #: digits MLP (benchmarks/checkpointed.py, docs/estimators.md; medians over its cells): forward
@@ -349,14 +350,23 @@ class Auto:
         calibrate: measure the per-step costs on the task's model (a probe of a second or a
             few; the pick may then differ between machines near a crossover) instead of
             using the digits MLP's constants (the same pick everywhere).
+        window: passed to the estimator picked (``estimator.window`` of forward, exact and
+            checkpointed reverse: the sum of the validation losses every W steps and at the
+            end); the cost model leaves out its ``T / W`` validation gradients.
     """
 
     name = "auto"
     data_parallel = True
 
-    def __init__(self, memory_mb: Positive | None = None, calibrate: bool = True) -> None:
+    def __init__(
+        self,
+        memory_mb: Positive | None = None,
+        calibrate: bool = True,
+        window: PositiveInt | None = None,
+    ) -> None:
         self.memory_mb = memory_mb
         self.calibrate = calibrate
+        self.window = window
         self._picked: tuple[int, Choice, HypergradientEstimator] | None = None
         self._restored: dict[int, Choice] = {}
 
@@ -380,13 +390,13 @@ class Auto:
         if choice.name == "forward":
             from metahpo.estimators.forward import ForwardMode
 
-            estimator = ForwardMode()
+            estimator = ForwardMode(window=self.window)
         elif choice.name == "exact_reverse":
             from metahpo.estimators.exact_reverse import ExactReverse
 
-            estimator = ExactReverse()
+            estimator = ExactReverse(window=self.window)
         else:
-            estimator = CheckpointedReverse(stretch=choice.stretch)
+            estimator = CheckpointedReverse(stretch=choice.stretch, window=self.window)
         self._picked = (schedule.horizon, choice, estimator)
         return choice, estimator
 
@@ -418,7 +428,13 @@ class Auto:
             rates=rates,
         )
 
+    def check(self, schedule: HyperSchedule) -> None:
+        """Raise ConfigError unless ``window`` (if set) fits the horizon (before the probe)."""
+        if self.window is not None:
+            check_window("window", self.window, schedule.horizon)
+
     def hypergradient(self, task: Task, schedule: HyperSchedule) -> Hypergradient:
+        self.check(schedule)
         choice, estimator = self.pick(task, schedule)
         hg = estimator.hypergradient(task, schedule)
         hg.metrics = {**hg.metrics, **choice.metrics()}

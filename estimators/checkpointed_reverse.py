@@ -11,7 +11,13 @@ from torch import Tensor
 from metahpo.core import ConfigError, Hypergradient, Task
 from metahpo.device import CostMeter, host_bytes_in_use, synchronize
 from metahpo.inner import FlatTask, InnerState, Steps, train
-from metahpo.reverse import Adjoint, check_window, grad_with_graph, window_hypergradient
+from metahpo.reverse import (
+    Adjoint,
+    check_window,
+    grad_with_graph,
+    window_ends,
+    window_hypergradient,
+)
 from metahpo.schedule import HyperSchedule
 from metahpo.validation import Positive, PositiveInt, checked
 
@@ -108,7 +114,12 @@ class CheckpointedReverse:
     (:func:`metahpo.reverse.window_hypergradient` with ``adjoint`` and ``carry``). The last
     stretch starts from the gradient of the final validation loss.
 
-    Objective: the final validation loss, as forward mode and exact reverse.
+    Objective: the final validation loss, as forward mode and exact reverse; with ``window =
+    W``, the sum of the validation losses after steps W, 2W, ... and T (exact reverse's
+    ``window``, ``estimator=pes``'s objective): every window end also starts a stretch, and the
+    reverse sweep adds that validation loss's gradient to the adjoint it carries across
+    (``T / W`` more stored states and validation gradients; ``meta_loss`` is the sum,
+    ``metrics["final_val_loss"]`` its last term).
     Bias: none (exact to rounding; the recomputed stretches repeat the plain pass bit for bit
     on deterministic kernels). Buffers (batch-norm statistics) follow the run and are not
     differentiated, as in every estimator.
@@ -130,6 +141,8 @@ class CheckpointedReverse:
             stretch that fits is used (measured graph size per step, two probe steps once).
             At most one of ``stretch`` and ``memory_mb``.
         offload: keep the stored states in host memory (only changes anything on a GPU).
+        window: None: the final validation loss; ``W`` (1..horizon): the sum of the
+            validation losses every W steps and at the end.
     """
 
     name = "checkpointed_reverse"
@@ -140,6 +153,7 @@ class CheckpointedReverse:
         stretch: PositiveInt | None = None,
         memory_mb: Positive | None = None,
         offload: bool = False,
+        window: PositiveInt | None = None,
     ) -> None:
         if stretch is not None and memory_mb is not None:
             raise ConfigError(
@@ -147,12 +161,15 @@ class CheckpointedReverse:
                 "set one (the other null)"
             )
         self.stretch, self.memory_mb, self.offload = stretch, memory_mb, offload
+        self.window = window
         self._resolved: tuple[int, int, str] | None = None  # (horizon, k, why)
 
     def check(self, schedule: HyperSchedule) -> None:
-        """Raise ConfigError unless the stretch fits the horizon (before any training)."""
+        """Raise ConfigError unless the stretch and window fit the horizon (before training)."""
         if self.stretch is not None:
             check_window("stretch", self.stretch, schedule.horizon)
+        if self.window is not None:
+            check_window("window", self.window, schedule.horizon)
 
     def resolve(self, flat: FlatTask, schedule: HyperSchedule) -> tuple[int, str]:
         """The stretch length for this horizon and why (probing the graph size once)."""
@@ -189,22 +206,27 @@ class CheckpointedReverse:
         flat = FlatTask(task)
         k, why = self.resolve(flat, schedule)
         with CostMeter(task.device) as cost:
-            meta_loss, grads, final = self._sweep(flat, schedule, k)
+            meta_loss, grads, final, last = self._sweep(flat, schedule, k)
             val_accuracy = flat.evaluate(final, "val")["accuracy"]
+        metrics: dict[str, Any] = {"val_accuracy": val_accuracy, "stretch": k, "stretch_from": why}
+        if self.window is not None:
+            metrics["final_val_loss"] = last
         return Hypergradient(
             meta_loss=meta_loss,
             grads=grads,
             seconds=cost.seconds,
             peak_memory=cost.peak,
             inner_steps=schedule.horizon,
-            metrics={"val_accuracy": val_accuracy, "stretch": k, "stretch_from": why},
+            metrics=metrics,
         )
 
     def _sweep(
         self, flat: FlatTask, schedule: HyperSchedule, k: int
-    ) -> tuple[float, dict[str, Tensor], InnerState]:
+    ) -> tuple[float, dict[str, Tensor], InnerState, float]:
+        """(meta-loss, hypergradient, final state, final validation loss)."""
         T = schedule.horizon
-        starts = list(range(0, T, k))
+        ends = set(window_ends(self.window, T)[:-1])  # the objective's earlier terms
+        starts = sorted(set(range(0, T, k)) | ends)
         store = torch.device("cpu") if self.offload else flat.task.device
         steps = Steps(flat, schedule)
         stored: dict[int, InnerState] = {}
@@ -217,19 +239,21 @@ class CheckpointedReverse:
         del state
         grads = {n: torch.zeros_like(v) for n, v in schedule.values.items()}
         adjoint: Adjoint | None = None
-        meta_loss, final = math.nan, None
-        for s in reversed(starts):
+        meta_loss, final, earlier = math.nan, None, 0.0
+        for s, stop in reversed(list(zip(starts, [*starts[1:], T], strict=True))):
             start = _moved(stored.pop(s), flat.task.device)
-            window = window_hypergradient(
-                flat, schedule, start, min(s + k, T), adjoint=adjoint, carry=s > 0
-            )
+            window = window_hypergradient(flat, schedule, start, stop, adjoint=adjoint, carry=s > 0)
             if adjoint is None:  # the last stretch: the final state and validation loss
                 meta_loss, final = window.meta_loss, window.state
             adjoint = window.adjoint
+            if s in ends and adjoint is not None:  # a window end: its loss joins the adjoint
+                term, g_val = flat.val_loss_and_grad(start.theta, start.buffers)
+                earlier += term
+                adjoint = (adjoint[0] + g_val, *adjoint[1:])
             for n, g in window.grads.items():
                 grads[n] += g
         assert final is not None
-        return meta_loss, grads, final
+        return meta_loss + earlier, grads, final, meta_loss
 
 
 def _moved(state: InnerState, device: torch.device) -> InnerState:

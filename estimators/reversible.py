@@ -34,9 +34,10 @@ from metahpo.core import Batch, ConfigError, DivergenceError, Hypergradient, Tas
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
+from metahpo.reverse import check_window, window_ends
 from metahpo.schedule import HyperSchedule, split_key
 from metahpo.second_order import data_convolutions
-from metahpo.validation import Positive, checked
+from metahpo.validation import Positive, PositiveInt, checked
 
 CAN = "forward, exact_reverse, truncated_reverse or greedy"
 
@@ -139,6 +140,10 @@ class Reversible:
         radix_bits: fractional bits R of the fixed point; values must stay below 2^(60-R).
         momentum_bits: D; the momentum is rounded to a multiple of 2^-D (1 <= D <= 30).
         store_below: steps with momentum below this store the velocity outright.
+        window: None: the final validation loss; ``W`` (1..horizon): the sum of the
+            validation losses every W steps and at the end (exact reverse's ``window``; the
+            reverse sweep adds each one's gradient at the recovered weights, ``T / W`` more
+            validation gradients, no more memory).
     """
 
     name = "reversible"
@@ -150,12 +155,16 @@ class Reversible:
         radix_bits: Annotated[int, Interval(ge=8, le=56)] = 44,
         momentum_bits: Annotated[int, Interval(ge=1, le=30)] = 30,
         store_below: Annotated[Positive, Le(1)] = 1 / 16,
+        window: PositiveInt | None = None,
     ) -> None:
+        self.window = window
         self.radix_bits = radix_bits
         self.momentum_bits = momentum_bits
         self.store_below = float(store_below)
 
     def check(self, schedule: HyperSchedule) -> None:
+        if self.window is not None:
+            check_window("window", self.window, schedule.horizon)
         opt = schedule.optimizer
         if not isinstance(opt, SGD):
             raise ConfigError(
@@ -272,6 +281,7 @@ class Reversible:
         learned = [k for k in schedule.keys if k in schedule.learned]
         per_step = {k: torch.zeros(T, dtype=torch.float64) for k in learned}
         w_bar, v_bar = g_val, torch.zeros_like(g_val)
+        ends, earlier = set(window_ends(self.window, T)[:-1]), 0.0
         for t in reversed(range(T)):
             values = steps.values(t)
             h = steps.expand(values)
@@ -293,6 +303,10 @@ class Reversible:
             w_bar = w_bar + hvp(g_bar)
             for k, hb in zip(learned, h_bar, strict=True):
                 per_step[k][t] = float(hb)
+            if t in ends:  # a window end: w is w_t, recovered bit for bit
+                term, g_end = flat.val_loss_and_grad(w, {})
+                earlier += term
+                w_bar = w_bar + g_end
         self.recovered = (W, V, W0)  # for the tests: what the reverse sweep ended at
         self.recovered_final = self._f(ints["W"], dt)
         if not (torch.equal(W, W0) and not bool(V.any()) and buf.empty()):
@@ -314,7 +328,9 @@ class Reversible:
             "stored_velocity_bytes": stored_bytes,
             "radix_bits": self.radix_bits,
         }
-        return meta_loss, grads, metrics
+        if self.window is not None:
+            metrics["final_val_loss"] = meta_loss
+        return meta_loss + earlier, grads, metrics
 
     # -- the invertible product by n / den -------------------------------------------------------
     @staticmethod

@@ -3,6 +3,7 @@ mode is not; one window is plain ES; online steps; resume; one-line errors."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,13 @@ import torch
 
 import metahpo
 from metahpo.core import ConfigError
+from metahpo.estimators.auto import Auto
+from metahpo.estimators.checkpointed_reverse import CheckpointedReverse
 from metahpo.estimators.es import EvolutionStrategies
 from metahpo.estimators.exact_reverse import ExactReverse
 from metahpo.estimators.forward import ForwardMode
 from metahpo.estimators.pes import PersistentES, persistent_es
+from metahpo.estimators.reversible import Reversible
 from metahpo.inner import FlatTask
 from metahpo.reverse import window_hypergradient
 from metahpo.schedule import HyperSchedule, HyperSpec
@@ -66,12 +70,22 @@ def test_unbiased_for_the_sum_of_window_losses_where_truncation_is_not() -> None
     assert [w["steps"] for w in out.windows] == [[t, t + 1] for t in range(6)]
 
 
-@pytest.mark.parametrize("estimator", [ForwardMode, ExactReverse])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        ForwardMode,
+        ExactReverse,
+        CheckpointedReverse,
+        functools.partial(CheckpointedReverse, stretch=2),
+        functools.partial(Auto, calibrate=False),
+    ],
+)
 @pytest.mark.parametrize("window", [1, 3, 7])
 def test_exact_estimators_offer_the_same_objective(estimator, window: int) -> None:  # type: ignore[no-untyped-def]
-    """``estimator.window``: forward mode's and exact reverse's gradient of the sum of the
-    validation losses every W steps equals the sum of the window ends' exact hypergradients
-    (reverse mode from step 0 to each)."""
+    """``estimator.window``: forward mode's, exact and checkpointed reverse's (stretches that
+    do and do not line up with the windows) and auto's gradient of the sum of the validation
+    losses every W steps equals the sum of the window ends' exact hypergradients (reverse mode
+    from step 0 to each)."""
     task = quadratic(n_train=32, batch_size=8)
     specs = {n: HyperSpec(2, b) for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99))]}
     values = {"lr": torch.tensor([0.1, 0.05]), "momentum": torch.tensor([0.5, 0.3])}
@@ -88,6 +102,27 @@ def test_exact_estimators_offer_the_same_objective(estimator, window: int) -> No
     assert hg.metrics["final_val_loss"] == pytest.approx(parts[-1].meta_loss, rel=1e-12)
     with pytest.raises(ConfigError, match=r"^estimator\.window=8 must be .* horizon \(7\)$"):
         estimator(window=8).hypergradient(task, schedule)
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_reversible_offers_the_same_objective(window: int) -> None:
+    """Reversible learning's windowed hypergradient is exact reverse's, to its fixed-point
+    rounding (radix 2^-44: ~1e-13 relative on the weights)."""
+    task = quadratic(n_train=32, batch_size=8)
+    specs = {n: HyperSpec(2, b) for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99))]}
+    values = {"lr": torch.tensor([0.1, 0.05]), "momentum": torch.tensor([0.5, 0.75])}
+    schedule = HyperSchedule(7, specs, values)
+    want = ExactReverse(window=window).hypergradient(task, schedule)
+    got = Reversible(window=window).hypergradient(task, schedule)
+    for k in specs:
+        torch.testing.assert_close(got.grads[k], want.grads[k], rtol=1e-8, atol=1e-12)
+    assert got.meta_loss == pytest.approx(want.meta_loss, rel=1e-9)
+    assert got.metrics["final_val_loss"] == pytest.approx(want.metrics["final_val_loss"], rel=1e-9)
+    plain = Reversible().hypergradient(task, schedule)
+    if window < 7:  # the windows change the objective
+        assert not torch.allclose(got.grads["lr"], plain.grads["lr"], rtol=1e-3)
+    with pytest.raises(ConfigError, match=r"^estimator\.window=8 must be .* horizon \(7\)$"):
+        Reversible(window=8).hypergradient(task, schedule)
 
 
 def test_one_window_is_plain_es() -> None:
