@@ -519,6 +519,130 @@ def _edge(horizon: int, steps: int, window: int, quick: bool) -> dict[str, Any]:
     return {"setup": setup, "rows": rows}
 
 
+# -- the online guard, where nothing is unstable ---------------------------------------------------
+def guard(quick: bool) -> dict[str, Any]:
+    """``estimator.accept`` finite vs meta_loss for greedy (W = 10) and PES (4 pairs, K = 20) on
+    digits, T = 200, from the default schedule (lr, momentum, weight decay from zero, 10
+    segments each): does the guard cost anything where no step is unstable?"""
+    import metahpo
+
+    horizon = 40 if quick else 200
+    steps = 1 if quick else 4
+    seeds = SEEDS[:1] if quick else SEEDS
+    base = [
+        "task=digits",
+        f"horizon={horizon}",
+        "threads=1",
+        "progress=false",
+        f"outer.steps={steps}",
+        "outer.budget=null",
+    ]
+    arms = {
+        "greedy": ["estimator=greedy", "estimator.W=10"],
+        "pes": ["estimator=pes", "estimator.pairs=4", "estimator.K=20"],
+    }
+    rows = []
+    for name, extra in arms.items():
+        for accept in ("finite", "meta_loss"):
+            runs = []
+            for seed in seeds:
+                over = [*base, *extra, f"estimator.accept={accept}", f"seed={seed}"]
+                start = time.perf_counter()
+                r = metahpo.run(metahpo.compose([*over, f"final.seeds=[{seed}]"]))
+                runs.append(
+                    {
+                        "seed": seed,
+                        "learned_val_loss": r["final"]["learned"]["val_loss"],
+                        "test_accuracy": r["final"]["learned"]["test_accuracy"],
+                        "online_rejections": sum(
+                            len(h.get("online_rejections", [])) for h in r["history"]
+                        ),
+                        "windows": sum(
+                            len(h.get("greedy_windows", h.get("pes_windows", [])))
+                            for h in r["history"]
+                        ),
+                        "wall_seconds": time.perf_counter() - start,
+                    }
+                )
+                print(name, accept, seed, runs[-1]["test_accuracy"], flush=True)
+            row: dict[str, Any] = {"arm": name, "accept": accept, "runs": runs}
+            for key in ("learned_val_loss", "test_accuracy", "wall_seconds"):
+                v = [x[key] for x in runs]
+                row[key] = statistics.fmean(v)
+                row[key + "_std"] = statistics.stdev(v) if len(v) > 1 else None
+            row["online_rejections"] = sum(x["online_rejections"] for x in runs)
+            row["windows"] = sum(x["windows"] for x in runs)
+            rows.append(row)
+    setup = {
+        "task": "digits MLP 64-128-10 (relu, float32)",
+        "horizon": horizon,
+        "outer_steps": steps,
+        "schedule": "default: lr, momentum, weight decay from zero, 10 segments each",
+        "estimators": {k: " ".join(v) for k, v in arms.items()},
+        "tolerance": 0.1,
+        "seeds": list(seeds),
+    }
+    return {"setup": setup, "rows": rows}
+
+
+# -- ES batched over samples -----------------------------------------------------------------------
+def es_batch(quick: bool) -> dict[str, Any]:
+    """Seconds per ES estimate with the samples run one by one and batched with vmap, on the
+    digits MLP (float32, batch 128) and the quadratic, T = 100, 2 segments of lr, momentum and
+    weight decay; the largest relative difference between the two estimates."""
+    horizon = 20 if quick else 100
+    pair_counts = (2,) if quick else (2, 4, 8)
+    repeats = 1 if quick else 3
+    tasks = {
+        "digits MLP 64-128-10 float32": lambda: Digits(seed=0),
+        "quadratic dim 5 float64": lambda: Quadratic(seed=0),
+    }
+    specs = {
+        n: HyperSpec(2, b)
+        for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99)), ("weight_decay", (0.0, 0.01))]
+    }
+    values = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    schedule = HyperSchedule(horizon, specs, values)
+    rows = []
+    for name, make in tasks.items():
+        task = make()
+        for pairs in pair_counts:
+            best: dict[bool, float] = {}
+            grads = {}
+            for batch in (False, True):
+                est = EvolutionStrategies(sigma=0.01, pairs=pairs, batch=batch)
+                est.hypergradient(task, schedule)  # warm-up (and the chunk's probe)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    hg = est.hypergradient(task, schedule)
+                    times.append(time.perf_counter() - start)
+                best[batch] = min(times)
+                grads[batch] = torch.cat([hg.grads[k] for k in specs])
+                chunk = hg.metrics["es_batch"]
+            diff = float(((grads[True] - grads[False]).abs() / grads[False].abs().max()).max())
+            rows.append(
+                {
+                    "task": name,
+                    "pairs": pairs,
+                    "seconds_sequential": best[False],
+                    "seconds_batched": best[True],
+                    "speedup": best[False] / best[True],
+                    "runs_per_vmap": chunk,
+                    "max_relative_difference": diff,
+                }
+            )
+            print(rows[-1], flush=True)
+    setup = {
+        "horizon": horizon,
+        "schedule": "lr 0.1, momentum 0.9, weight decay 5e-4, 2 segments each",
+        "sigma": 0.01,
+        "timing": f"best of {repeats} after a warm-up, one CPU thread; each estimate is "
+        "2 pairs + 1 runs (the centre always on its own)",
+    }
+    return {"setup": setup, "rows": rows}
+
+
 def _pm(mean: float, std: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
@@ -620,6 +744,55 @@ def report(out: Path) -> str:
                 f"{_pm(x['estimator_seconds'], x['estimator_seconds_std'], 1)} |"
             )
         parts.append("")
+    if (out / "edge_long.json").exists():
+        r = json.loads((out / "edge_long.json").read_text())
+        parts.append(
+            "| arm (T = 2000) | learned val loss | test accuracy | largest abs hypergradient | "
+            "rejected outer steps | online rejections | stopped | wall seconds |"
+        )
+        parts.append("|---|---|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            stopped = ", ".join(str(y.get("stopped")) for y in x["runs"])
+            wall = [y["wall_seconds"] for y in x["runs"]]
+            spread = statistics.stdev(wall) if len(wall) > 1 else None
+            parts.append(
+                f"| {x['arm']} | {_pm(x['learned_val_loss'], x['learned_val_loss_std'], 3)} | "
+                f"{_pm(x['test_accuracy'], x['test_accuracy_std'], 4)} | "
+                f"{x['max_abs_hypergradient']:.3g} | {x['rejected_steps']} | "
+                f"{sum(y.get('online_rejections', 0) for y in x['runs'])} | {stopped} | "
+                f"{_pm(statistics.fmean(wall), spread, 0)} |"
+            )
+        parts.append("")
+    if (out / "guard.json").exists():
+        r = json.loads((out / "guard.json").read_text())
+        parts.append(
+            "| estimator | accept | learned val loss | test accuracy | online rejections / "
+            "windows | wall seconds |"
+        )
+        parts.append("|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            parts.append(
+                f"| {x['arm']} | {x['accept']} | "
+                f"{_pm(x['learned_val_loss'], x['learned_val_loss_std'], 4)} | "
+                f"{_pm(x['test_accuracy'], x['test_accuracy_std'], 4)} | "
+                f"{x['online_rejections']} / {x['windows']} | "
+                f"{_pm(x['wall_seconds'], x['wall_seconds_std'], 0)} |"
+            )
+        parts.append("")
+    if (out / "es_batch.json").exists():
+        r = json.loads((out / "es_batch.json").read_text())
+        parts.append(
+            "| task | pairs | seconds, one by one | seconds, vmap | speed-up | runs per vmap | "
+            "largest relative difference |"
+        )
+        parts.append("|---|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            parts.append(
+                f"| {x['task']} | {x['pairs']} | {x['seconds_sequential']:.3f} | "
+                f"{x['seconds_batched']:.3f} | {x['speedup']:.2f}x | {x['runs_per_vmap']} | "
+                f"{x['max_relative_difference']:.1e} |"
+            )
+        parts.append("")
     return "\n".join(parts)
 
 
@@ -631,6 +804,8 @@ EXPERIMENTS = {
     "noisy_labels": noisy_labels,
     "edge": edge,
     "edge_long": edge_long,
+    "guard": guard,
+    "es_batch": es_batch,
 }
 
 

@@ -57,6 +57,16 @@ Accept = Literal["finite", "meta_loss"]
 Tolerance = Annotated[float, at.Ge(0)]
 
 
+#: Arguments some plugins of a kind take and others do not: what to say when one is given to a
+#: plugin that does not take it.
+ELSEWHERE = {
+    "estimator.window": "estimator.window is taken by forward, exact_reverse, "
+    "checkpointed_reverse, reversible and auto; pes is unbiased for that objective itself",
+    "estimator.accept": "estimator.accept is taken by the online estimators greedy, pes and "
+    "evograd; the outer loop's is outer.accept",
+}
+
+
 @dataclass(frozen=True)
 class Allowed:
     """``Annotated[..., Allowed("auto, cpu, cuda, cuda:N")]``: the text a message shows as what
@@ -260,8 +270,10 @@ def check_arguments(key: str, target: Any, arguments: Mapping[str, Any]) -> None
             if var_kw:
                 continue
             what = getattr(target, "__qualname__", str(target))
+            hint = f" ({ELSEWHERE[full]})" if full in ELSEWHERE else ""
             raise ConfigError(
                 f"{full} is not an argument of {what}; arguments: {', '.join(names) or 'none'}"
+                f"{hint}"
             )
         checker = adapters[name]
         if checker is None:

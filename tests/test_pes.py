@@ -226,3 +226,13 @@ def test_any_optimiser_and_loss_hyperparameters() -> None:
         k for k in schedule.learned if not torch.equal(hg.schedule.values[k], schedule.values[k])
     ]
     assert "label_smoothing" in moved and "lr" in moved
+
+
+@pytest.mark.parametrize("name", ["es", "greedy", "truncated_reverse", "evograd", "implicit"])
+def test_a_window_for_an_estimator_without_one_names_those_with_one(name: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^estimator\.window is not an argument of \w+; arguments: .* \(estimator\.window "
+        r"is taken by forward, exact_reverse, checkpointed_reverse, reversible and auto; ",
+    ):
+        metahpo.compose([f"estimator={name}", "+estimator.window=5"])
