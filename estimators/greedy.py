@@ -159,8 +159,8 @@ class Greedy(Online):
     loop takes it as its next iterate instead of stepping on ``grads``); ``grads`` is, per
     segment, the **sum** of the window hypergradients taken with respect to it during the run
     (with ``update="gradient"``, no bound reached and no step undone by the guard,
-    ``schedule = start - scale * step_size * grads`` exactly); ``metrics["greedy_windows"]`` lists every window's steps, validation loss and
-    non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
+    ``schedule = start - scale * step_size * grads`` exactly); ``metrics["greedy_windows"]``
+    lists every window's steps, validation loss and non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
     whose schedule moved during it (so it is the loss of neither the starting nor the final
     schedule run plainly). A value is updated only while its segment is in force, so use few
     segments (one per key is classic online learning); with one segment per step each value
