@@ -155,16 +155,16 @@ class Greedy(Online):
     not at the end of training, so it has the short-horizon bias (it favours whatever lowers
     the loss soonest, e.g. decaying the learning rate too early) and the schedule it reaches is
     not a stationary point of the final validation loss.
-    Result: ``schedule`` is the schedule the run ended with (an online estimator: the outer
-    loop takes it as its next iterate instead of stepping on ``grads``); ``grads`` is, per
-    segment, the **sum** of the window hypergradients taken with respect to it during the run
-    (with ``update="gradient"``, no bound reached and no step undone by the guard,
-    ``schedule = start - scale * step_size * grads`` exactly); ``metrics["greedy_windows"]``
-    lists every window's steps, validation loss and non-zero hypergradients; ``meta_loss`` is the validation loss at the end of this run,
-    whose schedule moved during it (so it is the loss of neither the starting nor the final
-    schedule run plainly). A value is updated only while its segment is in force, so use few
-    segments (one per key is classic online learning); with one segment per step each value
-    is stepped once per run.
+    Result: ``schedule`` is the schedule the run ended with (an online estimator: the outer loop
+    takes it as its next iterate instead of stepping on ``grads``); ``grads`` is, per segment, the
+    **sum** of the window hypergradients taken with respect to it during the run (with
+    ``update="gradient"``, no bound reached and no step undone by the guard, ``schedule = start -
+    scale * step_size * grads`` exactly); ``metrics["greedy_windows"]`` lists every window's steps,
+    validation loss and non-zero hypergradients; ``meta_loss`` is the validation loss at the end of
+    this run, whose schedule moved during it (so it is the loss of neither the starting nor the
+    final schedule run plainly). A value is updated only while its segment is in force, so use few
+    segments (one per key is classic online learning); with one segment per step each value is
+    stepped once per run.
     Memory: the graph of one window, O(W (P + activations)), constant in the horizon.
     Compute: every step is taken once with ``create_graph``, plus one validation loss and one
     backward per window: about ``3 T`` gradient evaluations and ``T / W`` validation passes.
