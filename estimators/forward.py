@@ -268,7 +268,7 @@ class ForwardMode:
                         torch.stack([cols.tangent(k, t, a) for k in in_loss], dim=1),
                         lambda lam: steps.attach(t, batch, dict(zip(in_loss, lam, strict=True))),
                     )
-                g, h = self._grad_and_hvp(flat, st, batch, Z[:a], mixed, compiled)
+                g, h = self._grad_and_hvp(flat, st, batch, Z[:a], mixed)
                 if self.clamp_grad is not None:  # d clamp(g) = d g where |g| <= c, else 0
                     h.masked_fill_(g.abs() > self.clamp_grad, 0.0)
                 hz[:] = [h]
@@ -336,10 +336,10 @@ class ForwardMode:
         batch: Batch,
         Z: Tensor,
         mixed: Mixed | None,
-        compiled: CompiledProducts | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Training gradient at ``st.theta`` and ``H Z^T`` (plus the mixed term) for the rows
         of ``Z``."""
+        compiled = self._compiled_for(flat)
         if compiled is not None and mixed is None and compiled.applies(batch):
             g, hz = compiled(st, batch, Z)
         else:
