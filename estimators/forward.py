@@ -180,8 +180,10 @@ class ForwardMode:
             ``compile_sizes`` (blocks of the largest beyond it), so a run compiles at most once
             per size and batch shape. The same products, rounded differently (float64: equal
             to 1e-10). Steps with loss hyperparameters or random layers stay uncompiled.
-            Compiling costs 10-90 s per size on a CPU; docs/benchmarks.md ("Compiled steps")
-            measures when it pays for itself. ``metrics["compiled_steps"]`` counts the steps.
+            Compiling costs 10-25 s per size on this CPU (about 1-2 s once inductor's on-disk
+            cache holds the same graph); docs/benchmarks.md ("Compiled steps") measures when it
+            pays for itself (off by default: long runs on MLP-sized models only).
+            ``metrics["compiled_steps"]`` counts the compiled steps.
         compile_sizes: the column counts compiled for (see ``compile``).
     """
 
@@ -377,8 +379,11 @@ class CompiledProducts:
     but the rounding of the batched kernels (float64: equal to eager to 1e-10, tested).
     The batch goes in as plain tensors, so steps with loss hyperparameters or random layers
     (:meth:`applies`) are left to the eager products.
-    Cost: the compilation, once per size (10-90 s per size on a CPU, docs/benchmarks.md), then
-    one padded product per call; memory as the eager ``fwd_rev`` at the padded size.
+    Cost: the compilation, once per size (10-25 s per size on this CPU, 1-2 s with inductor's
+    cache warm; docs/benchmarks.md), then one padded product per call; memory as the eager
+    ``fwd_rev`` at the padded size. Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) versions per process; beyond that (many
+    tasks or estimators in one process) the calls run the traced function uncompiled.
     """
 
     def __init__(self, flat: FlatTask, mode: str, sizes: tuple[int, ...]) -> None:
