@@ -284,6 +284,14 @@ def test_compiled_products_leave_loss_hyperparameters_to_the_eager_ones() -> Non
     assert ForwardMode()._compiled_for(flat) is None
 
 
+def test_compiled_products_leave_random_layers_to_the_eager_ones() -> None:
+    """A model with dropout keeps its seeded masks: the eager products, bit for bit."""
+    task, schedule = small_digits(dropout=0.3), make_schedule(6, 2)
+    hg = ForwardMode(compile="aot_eager").hypergradient(task, schedule)
+    assert hg.metrics["compiled_steps"] == 0
+    assert_grads_close(hg.grads, ForwardMode().hypergradient(task, schedule).grads, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inductor", "cuda_graphs"])
 def test_inductor_products_equal_the_eager_ones(mode: str) -> None:
