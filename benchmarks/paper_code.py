@@ -9,7 +9,9 @@ its ``MetaLearner`` without its ``__init__`` (which wants datasets and a log fol
 our batches and a model of its own ``ReparamModule`` family holding our initial weights, and
 calls its ``inner_loop`` (the forward-mode run, clamps off, no pruning), followed by the
 validation gradient its ``outer_step`` takes. metahpo's side is ``ForwardMode()`` with the
-shipped defaults on the same task, schedule, weights and batches.
+shipped defaults on the same task, schedule, weights and batches (``--compile MODE``:
+``ForwardMode(compile=MODE)``, one estimator per case, so it compiles in the untimed first run;
+``first_s`` records that run).
 
 Problems: the digits MLP (64-128-10, batch 128, the paper code's model built with its
 ``ReparamModule``) and LeNet-5 (the paper code's own ``MetaLeNet``, MNIST-shaped random
@@ -152,12 +154,17 @@ def lower_bound(task: Any, sched: HyperSchedule, repeats: int = 5) -> float:
 
 def case(
     fds: types.ModuleType, model: str, dtype: torch.dtype, columns: int, horizon: int,
-    batch: int, repeats: int,
+    batch: int, repeats: int, compile: str = "off",
 ) -> dict[str, Any]:  # fmt: skip
     task = _task(model, dtype, batch)
     sched = schedule(horizon, columns)
     theta = FlatTask(task).init_state().theta
-    ours = ForwardMode().hypergradient(task, sched)
+    if compile != "off":  # a cold compilation per case (and within dynamo's recompile limit)
+        torch._dynamo.reset()
+    estimator = ForwardMode(compile=compile)  # one estimator: compiled once, in the first run
+    start = time.perf_counter()
+    ours = estimator.hypergradient(task, sched)
+    first_s = time.perf_counter() - start
     theirs = paper_run(fds, task, model, sched, theta)
     agree = max(
         float((ours.grads[k] - theirs[k].double()).abs().max())
@@ -170,14 +177,15 @@ def case(
         paper_run(fds, task, model, sched, theta)
         paper_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        ForwardMode().hypergradient(task, sched)
+        estimator.hypergradient(task, sched)
         ours_s.append(time.perf_counter() - start)
         bound_s.append(lower_bound(task, sched, repeats=3))
     bound = statistics.median(bound_s)
     return {
         "model": model, "dtype": str(dtype).removeprefix("torch."), "columns": columns,
         "horizon": horizon, "batch": batch, "relative_difference": agree,
-        "hvp": ours.metrics["hvp"], "paper_s": paper_s, "metahpo_s": ours_s,
+        "hvp": ours.metrics["hvp"] if compile == "off" else f"compiled {compile}",
+        "compile": compile, "first_s": first_s, "paper_s": paper_s, "metahpo_s": ours_s,
         "ratio_median": statistics.median(ours_s) / statistics.median(paper_s),
         "ratio_min": min(o / p for o, p in zip(ours_s, paper_s, strict=True)),
         "lower_bound_s": bound_s, "metahpo_over_bound": statistics.median(ours_s) / bound,
@@ -186,11 +194,12 @@ def case(
 
 def _line(r: dict[str, Any]) -> str:
     p, o = r["paper_s"], r["metahpo_s"]
+    first = f" first run {r['first_s']:.1f} s |" if r.get("compile", "off") != "off" else ""
     return (
         f"| {r['model']} | {r['dtype']} | {r['columns']} | {r['horizon']} | {r['batch']} | "
         f"{min(p):.2f} / {statistics.median(p):.2f} | {min(o):.2f} / {statistics.median(o):.2f} "
         f"({r['hvp']}) | {r['ratio_min']:.2f} / {r['ratio_median']:.2f} | "
-        f"{r['metahpo_over_bound']:.2f} | {r['relative_difference']:.1e} |"
+        f"{r['metahpo_over_bound']:.2f} | {r['relative_difference']:.1e} |{first}"
     )
 
 
@@ -205,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--horizon", type=int, default=140, help="divisible by 5 and 28")
     parser.add_argument("--lenet-horizon", type=int, default=28)
     parser.add_argument("--lenet-batch", type=int, default=32)
+    parser.add_argument(
+        "--compile", default="off", help="metahpo's estimator.compile (its first run compiles)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -224,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
                 if lenet and columns == 7:
                     horizon = max(5, horizon // 5 * 5)
                 batch = args.lenet_batch if lenet else 128
-                row = case(fds, model, getattr(torch, dtype), columns, horizon, batch, args.repeats)
+                row = case(
+                    fds, model, getattr(torch, dtype), columns, horizon, batch, args.repeats,
+                    args.compile,
+                )  # fmt: skip
                 rows.append(row)
                 print(_line(row), flush=True)
     if args.out is not None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from metahpo import distributed
-from metahpo.core import Batch, Hypergradient, Task
+from metahpo.core import Batch, Hypergradient, Task, loss_hyper
 from metahpo.device import CostMeter
 from metahpo.inner import FlatTask, InnerState, Steps, train
 from metahpo.optim import SGD, State
@@ -26,6 +26,7 @@ from metahpo.validation import Positive, PositiveInt, checked
 HVPMode = Literal["auto", "fwd_rev", "rev_rev", "model"]
 HVP_FORMULATIONS = ("fwd_rev", "rev_rev")
 TangentMode = Literal["auto", "generic"]
+CompileMode = Literal["off", "inductor", "aot_eager", "cuda_graphs"]
 
 # torch's forward-mode AD scripts its own decompositions on first use and warns about its own
 # call to torch.jit.script; nothing a user can act on.
@@ -170,6 +171,20 @@ class ForwardMode:
             the end), the objective ``estimator=pes`` is unbiased for, for like-for-like
             comparisons: ``meta_loss`` is that sum (``metrics["final_val_loss"]`` the last
             term) and ``grads`` its exact gradient, at ``T / W`` extra validation gradients.
+        compile: ``"off"`` (default) or compiled Hessian-vector products
+            (:class:`CompiledProducts`: ``torch.compile`` of the ``fwd_rev`` product with
+            ``dynamic=False``; ``"inductor"``: generated C++/Triton code, needs a C++ compiler
+            on CPU; ``"aot_eager"``: traced but not code-generated; ``"cuda_graphs"``: inductor
+            with ``mode="reduce-overhead"``, CUDA graphs on a GPU, plain inductor on CPU).
+            The started columns are padded with zero tangents up to the next of
+            ``compile_sizes`` (blocks of the largest beyond it), so a run compiles at most once
+            per size and batch shape. The same products, rounded differently (float64: equal
+            to 1e-10). Steps with loss hyperparameters or random layers stay uncompiled.
+            Compiling costs 10-25 s per size on this CPU (about 1-2 s once inductor's on-disk
+            cache holds the same graph); docs/benchmarks.md ("Compiled steps") measures when it
+            pays for itself (off by default: long runs on MLP-sized models only).
+            ``metrics["compiled_steps"]`` counts the compiled steps.
+        compile_sizes: the column counts compiled for (see ``compile``).
     """
 
     name = "forward"
@@ -183,6 +198,8 @@ class ForwardMode:
         clamp_hvp: Positive | None = None,
         tangents: TangentMode = "auto",
         window: PositiveInt | None = None,
+        compile: CompileMode = "off",
+        compile_sizes: tuple[PositiveInt, ...] = (8, 32),
     ) -> None:
         # argument types and ranges: checked from these hints (metahpo.validation)
         self.tangents = tangents
@@ -191,6 +208,10 @@ class ForwardMode:
         self.chunk_size = chunk_size
         self.clamp_grad = clamp_grad
         self.clamp_hvp = clamp_hvp
+        self.compile = compile
+        self.compile_sizes = tuple(sorted(set(compile_sizes)))
+        # compiled products per task (kept across hypergradients: compiled once per process)
+        self._compiled: dict[tuple[str, int, str, str], tuple[Task, CompiledProducts]] = {}
         # auto's or model's choice per (task, P, device, dtype): formulation, columns per call
         self._measured: dict[tuple[str, int, str, str], str] = {}
         self._measured_chunk: dict[tuple[str, int, str, str], int | None] = {}
@@ -217,6 +238,8 @@ class ForwardMode:
     ) -> tuple[float, dict[str, Tensor], dict[str, Any]]:
         flat = FlatTask(task)
         dev, dt = task.device, task.dtype
+        compiled = self._compiled_for(flat)
+        calls = compiled.calls if compiled is not None else 0
         steps = Steps(flat, schedule)
         cols = Columns(schedule, dev, dt)
 
@@ -287,6 +310,8 @@ class ForwardMode:
             meta_loss += sums[0]
         metrics["hvp"], metrics["hvp_chunk_size"] = self._setting(key)
         metrics["tangents"] = "sgd" if fast else "generic"
+        if compiled is not None:
+            metrics["compiled_steps"] = compiled.calls - calls
         return meta_loss, grads, metrics
 
     def _setting(self, key: tuple[str, int, str, str]) -> tuple[str | None, int | None]:
@@ -295,13 +320,33 @@ class ForwardMode:
             return self.hvp, self.chunk_size
         return self._measured.get(key), self._measured_chunk.get(key, self.chunk_size)
 
+    def _compiled_for(self, flat: FlatTask) -> CompiledProducts | None:
+        """This task's compiled products (made on first use), or None with ``compile="off"``."""
+        if self.compile == "off":
+            return None
+        key = _key(flat)
+        entry = self._compiled.get(key)
+        if entry is None or entry[0] is not flat.task:
+            entry = (flat.task, CompiledProducts(flat, self.compile, self.compile_sizes))
+            self._compiled[key] = entry
+        return entry[1]
+
     def _grad_and_hvp(
-        self, flat: FlatTask, st: InnerState, batch: Batch, Z: Tensor, mixed: Mixed | None
+        self,
+        flat: FlatTask,
+        st: InnerState,
+        batch: Batch,
+        Z: Tensor,
+        mixed: Mixed | None,
     ) -> tuple[Tensor, Tensor]:
         """Training gradient at ``st.theta`` and ``H Z^T`` (plus the mixed term) for the rows
         of ``Z``."""
-        mode, chunk = self._setting(_key(flat))
-        g, hz = grad_and_hvp(mode or "rev_rev", flat, st, batch, Z, chunk, mixed)
+        compiled = self._compiled_for(flat)
+        if compiled is not None and mixed is None and compiled.applies(batch):
+            g, hz = compiled(st, batch, Z)
+        else:
+            mode, chunk = self._setting(_key(flat))
+            g, hz = grad_and_hvp(mode or "rev_rev", flat, st, batch, Z, chunk, mixed)
         g, hz = distributed.all_reduce_mean_(g), distributed.all_reduce_mean_(hz)
         if self.clamp_hvp is not None:
             hz = hz.clamp(-self.clamp_hvp, self.clamp_hvp)
@@ -321,6 +366,73 @@ class ForwardMode:
         mode, chunk = candidates[int(distributed.all_reduce_mean_(best).argmin())]
         self._measured_chunk[_key(flat)] = chunk
         return mode
+
+
+class CompiledProducts:
+    """The training gradient and ``H Z^T`` by ``torch.compile`` of the ``fwd_rev`` product
+    (``vmap`` over columns of ``jvp(grad(loss))``), for a fixed set of column counts.
+
+    ``Z``'s rows are padded with zero rows up to the smallest of ``sizes`` that holds them
+    (in blocks of the largest beyond it), and compiled with ``dynamic=False``: one compilation
+    per size and batch shape, whatever the number of started columns. A zero tangent's product
+    is exactly zero and the columns of a ``vmap`` are independent, so padding changes nothing
+    but the rounding of the batched kernels (float64: equal to eager to 1e-10, tested).
+    The batch goes in as plain tensors, so steps with loss hyperparameters or random layers
+    (:meth:`applies`) are left to the eager products.
+    Cost: the compilation, once per size (10-25 s per size on this CPU, 1-2 s with inductor's
+    cache warm; docs/benchmarks.md), then one padded product per call; memory as the eager
+    ``fwd_rev`` at the padded size. Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) versions per process; beyond that (many
+    tasks or estimators in one process) the calls run the traced function uncompiled.
+    """
+
+    def __init__(self, flat: FlatTask, mode: str, sizes: tuple[int, ...]) -> None:
+        self.flat = flat
+        self.sizes = tuple(sorted(sizes))
+        self.graphs = mode == "cuda_graphs"
+        self.calls = 0
+        backend = "aot_eager" if mode == "aot_eager" else "inductor"
+        options: dict[str, Any] = {"mode": "reduce-overhead"} if self.graphs else {}
+        self._fn = torch.compile(self._products, backend=backend, dynamic=False, **options)
+
+    def applies(self, batch: Batch) -> bool:
+        """Whether a step on ``batch`` can use the compiled products (no loss hyperparameters
+        in it, no random layers in the model)."""
+        return not loss_hyper(batch) and not getattr(self.flat.task, "random_layers", False)
+
+    def _products(
+        self, theta: Tensor, buffers: dict[str, Tensor], x: Tensor, y: Tensor, Z: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        gradf = grad(lambda th: self.flat.train_loss(th, buffers, (x, y)))
+
+        def column(z: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(gradf, (theta,), (z,))  # type: ignore[no-any-return]
+
+        return vmap(column, out_dims=(None, 0))(Z)  # type: ignore[no-any-return]
+
+    def padded_size(self, n: int) -> int:
+        """The compiled column count that holds ``n`` columns (the largest size beyond it)."""
+        return next((s for s in self.sizes if s >= n), self.sizes[-1])
+
+    def __call__(self, st: InnerState, batch: Batch, Z: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = batch[0], batch[1]
+        g: Tensor | None = None
+        parts = []
+        for i in range(0, len(Z), self.sizes[-1]):
+            block = Z[i : i + self.sizes[-1]]
+            n, size = len(block), self.padded_size(len(block))
+            if size > n:
+                block = torch.cat([block, block.new_zeros(size - n, block.shape[1])])
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            g_i, h = self._fn(st.theta, st.buffers, x, y, block)
+            if self.graphs:  # a graph's outputs are overwritten by its next replay
+                g_i, h = g_i.clone(), h.clone()
+            g = g_i if g is None else g
+            parts.append(h[:n])
+        self.calls += 1
+        assert g is not None
+        return g, parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def formulation_for(task: Task) -> tuple[str, int | None]:
