@@ -39,9 +39,9 @@ from metahpo import distributed
 from metahpo.build import Objects, Setup, _instantiate, build
 from metahpo.config import check_writable
 from metahpo.core import ConfigError, DivergenceError, Task
+from metahpo.device import rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
 from metahpo.inner import FlatTask, InnerState
-from metahpo.device import rng_states, set_rng_states
 from metahpo.runner import (
     load_checkpoint,
     meta_loss,
@@ -149,11 +149,8 @@ def search(
     own = out_dir / "checkpoint.pt" if out_dir is not None else None
     if cfg.resume or (own is not None and own.is_file()):
         where = Path(str(cfg.resume)) if cfg.resume else own
+        # an outer loop's checkpoint differs in search.name: the fingerprint check rejects it
         ckpt = load_checkpoint(where, cfg, own_dir=not cfg.resume)  # type: ignore[arg-type]
-        if "study" not in ckpt:
-            raise ConfigError(
-                f"resume={str(where)!r}: the checkpoint is an outer loop's, not a search's"
-            )
         study, wall_before = ckpt["study"], float(ckpt["wall_seconds"])
         trials.history, trials.rejections = ckpt["history"], ckpt["rejections"]
         trials.spent, trials.best = ckpt["spent"], ckpt["best"]

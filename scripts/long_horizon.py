@@ -164,23 +164,27 @@ def report(out: Path, png: Path) -> str:
     target_method = min(boxes, key=means.__getitem__) if boxes else None
     target = means[target_method] if target_method else math.nan
     lines = [
-        f"Target: the best black-box method's mean meta-loss, {LABELS.get(target_method or '', '-')}"
-        f" {target:.4f}. Budget of every method: {BUDGET:,} inner-step equivalents.",
+        "Target: the best black-box method's mean meta-loss, "
+        f"{LABELS.get(target_method or '', '-')} {target:.4f}. Budget of every method: {BUDGET:,} inner-step equivalents.",
         "",
         "| method | outer seeds | spent | wall time (s) | meta-loss | learned test acc (%) "
-        "| baseline (%) | learned - baseline (pp) | test loss, median (max) | reached the target after "
-        "| N x faster |",
+        "| baseline (%) | learned - baseline (pp) | test loss, median (max) "
+        "| reached the target after | N x faster |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     reach = {
         m: [x for x in (reached(best_so_far(r), target) for r in g) if x is not None]
         for m, g in runs.items()
     }
-    ref = statistics.median(reach[target_method]) if target_method and reach[target_method] else None
+    ref = (
+        statistics.median(reach[target_method]) if target_method and reach[target_method] else None
+    )
     for method, group in runs.items():
         learned = [r["final"]["learned"] for r in group]
         base = [r["final"]["baseline"] for r in group]
-        final_sd = math.sqrt(statistics.fmean((x["test_accuracy_std"] or 0.0) ** 2 for x in learned))
+        final_sd = math.sqrt(
+            statistics.fmean((x["test_accuracy_std"] or 0.0) ** 2 for x in learned)
+        )
         diff = [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(learned, base, strict=True)]
         losses = [x["test_loss"] for r in group for x in r["final"]["learned"]["per_seed"]]
         got = reach[method]
