@@ -165,7 +165,8 @@ def report(out: Path, png: Path) -> str:
     target = means[target_method] if target_method else math.nan
     lines = [
         "Target: the best black-box method's mean meta-loss, "
-        f"{LABELS.get(target_method or '', '-')} {target:.4f}. Budget of every method: {BUDGET:,} inner-step equivalents.",
+        f"{LABELS.get(target_method or '', '-')} {target:.4f}. Budget of every method: "
+        f"{BUDGET:,} inner-step equivalents.",
         "",
         "| method | outer seeds | spent | wall time (s) | meta-loss | learned test acc (%) "
         "| baseline (%) | learned - baseline (pp) | test loss, median (max) "
