@@ -85,6 +85,29 @@ def test_a_search_spends_its_budget_exactly_counting_pruned_steps(method: str) -
     assert learned == out["history"][out["selected_outer_step"]]["schedule"]["lr"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_inner_steps_a_search_trains_are_its_spent_budget(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted in the inner loop itself (every step's hook), not by the search's own record."""
+    import metahpo.runner
+
+    trained = {"steps": 0}
+    original = metahpo.runner.fit
+
+    def counting_fit(task, schedule, on_step=None, **kw):  # type: ignore[no-untyped-def]
+        def hook(t, before, after, batch):  # type: ignore[no-untyped-def]
+            trained["steps"] += 1
+            if on_step is not None:
+                on_step(t, before, after, batch)
+
+        return original(task, schedule, on_step=hook, **kw)
+
+    monkeypatch.setattr(metahpo.runner, "fit", counting_fit)
+    out = _search(method, "search.budget=100")
+    assert trained["steps"] == out["search"]["spent"] <= 100 < trained["steps"] + out["horizon"]
+
+
 @pytest.mark.parametrize("method", ["tpe", "hyperband"])
 def test_a_search_is_deterministic_and_seeded(method: str) -> None:
     a, b = _search(method), _search(method)
