@@ -85,14 +85,14 @@ def _load(out: Path, method: str) -> list[dict[str, Any]]:
 def best_so_far(results: dict[str, Any]) -> list[tuple[float, float]]:
     """(inner-step equivalents spent, best meta-loss so far) after every scored entry: a
     search's best completed trial, an outer loop's best plain-run score (rejected and last
-    iterates included: each was a schedule the run trained and scored)."""
+    iterates included; greedy's passes score the values it set online in that pass)."""
     from metahpo.results import spent_curve
 
     key = "best_meta_loss" if results.get("search") else "meta_loss"
     best, out = math.inf, []
     for h, spent in zip(results["history"], spent_curve(results), strict=True):
         value = h.get(key)
-        if value is not None and not h.get("online") and math.isfinite(value):
+        if value is not None and math.isfinite(value):  # greedy's online passes too
             best = min(best, value)
         out.append((spent, best))
     return out
