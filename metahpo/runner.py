@@ -247,15 +247,14 @@ class _OuterLoop:
         if self.out_dir is None:
             return
         path = self.out_dir / "checkpoint.pt"
-        tmp = path.with_suffix(".tmp")
         anchor = None
         if self.anchor is not None:
             schedule, state, grads = self.anchor
             anchor = {"values": schedule.values, "state": state, "grads": grads}
-        torch.save(
+        save_checkpoint(
+            path,
+            self.cfg,
             {
-                "version": CHECKPOINT_VERSION,
-                "fingerprint": _fingerprint(self.cfg),
                 "k": self.k,
                 "values": self.schedule.values,
                 "state": self.state,
@@ -270,35 +269,11 @@ class _OuterLoop:
                 "rng": rng_states(),
                 "estimator": _estimator_state(self.setup.estimator),
             },
-            tmp,
         )
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it the checkpoint
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def _resume(self, path: Path, own_dir: bool = False) -> None:
         ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-        key = "hydra.run.dir" if own_dir else "resume"
-        where = f"{key}={str(path.parent if own_dir else path)!r}"
-        if not ckpt_path.is_file():
-            raise ConfigError(f"{where}: no checkpoint.pt there")
-        try:
-            ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        except Exception as e:  # a truncated or foreign file
-            raise ConfigError(f"{where}: {ckpt_path.name} is unreadable ({e})") from None
-        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(
-                f"{where}: {ckpt_path.name} is not a metahpo checkpoint of version "
-                f"{CHECKPOINT_VERSION}; start a new run directory"
-            )
-        mine = _fingerprint(self.cfg)
-        for name, old in ckpt["fingerprint"].items():
-            if mine.get(name) != old:
-                hint = " (this directory holds another run; choose a new one)" if own_dir else ""
-                raise ConfigError(
-                    f"{where}: the checkpoint was made with {name}={old!r}, this config has "
-                    f"{name}={mine.get(name)!r}{hint}"
-                )
+        ckpt = load_checkpoint(path, self.cfg, own_dir)
         base = self.setup.schedule
         self.schedule = base.replace(ckpt["values"])
         self.state, self.history, self.k = ckpt["state"], ckpt["history"], ckpt["k"]
@@ -595,6 +570,45 @@ def _mean_or_none(values: list[Any]) -> float | None:
 #: runs, where it runs and reports, and the final evaluation after the outer loop.
 RESUMABLE = ("outer.steps", "outer.budget", "progress", "resume", "device", "final", "logger")
 RESUMABLE += ("distributed", "threads")
+
+
+def save_checkpoint(path: Path, cfg: DictConfig, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file, fsync, rename), stamped with
+    the checkpoint version and ``cfg``'s fingerprint (what a resuming config must share)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"version": CHECKPOINT_VERSION, "fingerprint": _fingerprint(cfg), **state}, tmp)
+    with open(tmp, "rb+") as f:  # on disk before the rename makes it the checkpoint
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: DictConfig, own_dir: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a run directory or its checkpoint.pt) that ``cfg`` resumes;
+    ConfigError (one line, naming ``resume`` or ``hydra.run.dir`` when ``own_dir``) if it is
+    missing, unreadable, of another version or made with another config."""
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    key = "hydra.run.dir" if own_dir else "resume"
+    where = f"{key}={str(path.parent if own_dir else path)!r}"
+    if not ckpt_path.is_file():
+        raise ConfigError(f"{where}: no checkpoint.pt there")
+    try:
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"{where}: {ckpt_path.name} is unreadable ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"{where}: {ckpt_path.name} is not a metahpo checkpoint of version "
+            f"{CHECKPOINT_VERSION}; start a new run directory"
+        )
+    mine = _fingerprint(cfg)
+    for name, old in ckpt["fingerprint"].items():
+        if mine.get(name) != old:
+            hint = " (this directory holds another run; choose a new one)" if own_dir else ""
+            raise ConfigError(
+                f"{where}: the checkpoint was made with {name}={old!r}, this config has "
+                f"{name}={mine.get(name)!r}{hint}"
+            )
+    return ckpt
 
 
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:

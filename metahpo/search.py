@@ -16,6 +16,11 @@ the search what the configured hypergradient run may spend: ``outer.budget`` inn
 estimate costing the gradient evaluations :func:`metahpo.estimators.auto.gradient_evaluations`
 counts, the last a plain score. A trial starts only while a whole run still fits, so the
 search never spends more than its budget.
+
+After every trial the study (its trials, the sampler's and pruner's state) and the trials'
+record are written atomically to ``checkpoint.pt`` in the run directory; running again there,
+or with ``resume=<dir>``, continues from the last finished trial (a trial cut short by a kill
+is drawn and run again) and ends with the result of an uninterrupted search.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from metahpo import distributed
 from metahpo.build import Objects, Setup, _instantiate, build
 from metahpo.config import check_writable
 from metahpo.core import ConfigError, DivergenceError, Task
+from metahpo.device import rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
 from metahpo.inner import FlatTask, InnerState
 from metahpo.runner import (
+    load_checkpoint,
     meta_loss,
     results_header,
     results_schedules,
+    save_checkpoint,
     seed_everything,
     write_outputs,
 )
@@ -136,13 +144,41 @@ def search(
         out_dir,
         tags=[name, setup.task.name, "search"],
     )
-    started = time.perf_counter()
+    started, wall_before = time.perf_counter(), 0.0
     trials = _Trials(setup, rungs(pruner, int(cfg.horizon)))
+    own = out_dir / "checkpoint.pt" if out_dir is not None else None
+    if cfg.resume or (own is not None and own.is_file()):
+        where = Path(str(cfg.resume)) if cfg.resume else own
+        # an outer loop's checkpoint differs in search.name: the fingerprint check rejects it
+        ckpt = load_checkpoint(where, cfg, own_dir=not cfg.resume)  # type: ignore[arg-type]
+        study, wall_before = ckpt["study"], float(ckpt["wall_seconds"])
+        trials.history, trials.rejections = ckpt["history"], ckpt["rejections"]
+        trials.spent, trials.best = ckpt["spent"], ckpt["best"]
+        set_rng_states(ckpt["rng"])
+        log.info("resumed from %s after %d trials", where, len(trials.history))
+
+    def checkpoint() -> None:
+        if out_dir is not None:
+            save_checkpoint(
+                out_dir / "checkpoint.pt",
+                cfg,
+                {
+                    "study": study,
+                    "history": trials.history,
+                    "rejections": trials.rejections,
+                    "spent": trials.spent,
+                    "best": trials.best,
+                    "wall_seconds": wall_before + time.perf_counter() - started,
+                    "rng": rng_states(),
+                },
+            )
+
     results: dict[str, Any] = {}
     files: list[Path] = []
     failed = True
     bar = tqdm(
         total=budget,
+        initial=trials.spent,
         desc=f"{name} on {setup.task.name}",
         unit="step",
         disable=not cfg.progress,
@@ -154,6 +190,7 @@ def search(
             trial = study.ask()
             schedule = propose(trial, setup.schedule, str(cfg.search.space))
             trials.run(study, trial, schedule, start)
+            checkpoint()
             bar.update(trials.history[-1]["inner_steps"])
             if trials.best is not None:
                 bar.set_postfix(best_meta_loss=f"{trials.best:.4f}", trials=len(trials.history))
@@ -198,7 +235,7 @@ def search(
             "final": final,
             "estimator_seconds": sum(h["seconds"] for h in history),
             "estimator_peak_memory_mb": None,
-            "wall_time_seconds": time.perf_counter() - started,
+            "wall_time_seconds": wall_before + time.perf_counter() - started,
         }
         files = write_outputs(out_dir, results, setup, learned)
         if message is not None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 import metahpo
 from metahpo.build import build
 from metahpo.compare import find_runs, summary_rows, write_report
 from metahpo.estimators.auto import gradient_evaluations
 from metahpo.evaluation import retrain
-from metahpo.search import rungs, search_budget
+from metahpo.search import _Trials, rungs, search_budget
 
 QUICK = ["experiment=smoke", "progress=false", "threads=1", "task.n_train=256"]
 METHODS = ("random", "tpe", "hyperband")
@@ -78,6 +83,29 @@ def test_a_search_spends_its_budget_exactly_counting_pruned_steps(method: str) -
     assert out["history"][out["selected_outer_step"]]["meta_loss"] == best
     learned = out["learned_schedule"]["lr"]["values"]
     assert learned == out["history"][out["selected_outer_step"]]["schedule"]["lr"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_inner_steps_a_search_trains_are_its_spent_budget(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted in the inner loop itself (every step's hook), not by the search's own record."""
+    import metahpo.runner
+
+    trained = {"steps": 0}
+    original = metahpo.runner.fit
+
+    def counting_fit(task, schedule, on_step=None, **kw):  # type: ignore[no-untyped-def]
+        def hook(t, before, after, batch):  # type: ignore[no-untyped-def]
+            trained["steps"] += 1
+            if on_step is not None:
+                on_step(t, before, after, batch)
+
+        return original(task, schedule, on_step=hook, **kw)
+
+    monkeypatch.setattr(metahpo.runner, "fit", counting_fit)
+    out = _search(method, "search.budget=100")
+    assert trained["steps"] == out["search"]["spent"] <= 100 < trained["steps"] + out["horizon"]
 
 
 @pytest.mark.parametrize("method", ["tpe", "hyperband"])
@@ -150,3 +178,97 @@ def test_lr_free_optimisers_train_through_the_inner_loop(name: str) -> None:
     assert first["test_accuracy"] > 0.3  # ten classes: far above chance after 20 steps
     assert first != retrain(setup.task, setup.baseline, 0)  # not the baseline's SGD
     json.dumps(first)
+
+
+TIMINGS = ("seconds", "wall_time_seconds", "estimator_seconds", "peak_memory_mb")
+
+
+def _without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("method", ["random", "hyperband"])
+def test_an_interrupted_search_resumes_to_the_uninterrupted_result(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*QUICK, f"search={method}", "search.budget=100", "final.seeds=[0]"]
+    straight = metahpo.run(metahpo.compose(args), tmp_path / "straight")
+    assert straight["search"]["trials"] >= 5
+
+    calls = {"n": 0}
+    original = _Trials.run
+
+    def killed_at_third(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(_Trials, "run", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        metahpo.run(metahpo.compose(args), tmp_path / "killed")
+    assert not (tmp_path / "killed" / "results.json").exists()
+    monkeypatch.setattr(_Trials, "run", original)
+    # the sampler's state went on with the study: the third trial is drawn again, as before
+    again = metahpo.run(metahpo.compose(args), tmp_path / "killed")
+    assert _without_timings(again) == _without_timings(straight)
+    other = metahpo.run(metahpo.compose([*args, f"resume={tmp_path / 'killed'}"]), tmp_path / "c")
+    assert _without_timings(other) == _without_timings(straight)
+
+
+def test_a_search_does_not_resume_another_runs_checkpoint(tmp_path: Path) -> None:
+    metahpo.run(metahpo.compose([*QUICK, "outer.steps=1", "final.seeds=[0]"]), tmp_path / "fds")
+    with pytest.raises(metahpo.ConfigError, match=r"^resume=.*search\.name=None") as e:
+        metahpo.run(
+            metahpo.compose([*QUICK, "search=tpe", "search.budget=40", f"resume={tmp_path}/fds"])
+        )
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_search_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    args = [*QUICK, "search=hyperband", "search.budget=1200", "final.seeds=[0]"]
+
+    def command(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "metahpo", *args, f"hydra.run.dir={run_dir}"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint, deadline = killed / "checkpoint.pt", time.monotonic() + 300
+    try:
+        while True:
+            assert proc.poll() is None, "the search ended before it could be killed"
+            assert time.monotonic() < deadline
+            if checkpoint.is_file():
+                try:
+                    ckpt = torch.load(checkpoint, weights_only=False)
+                except Exception:  # noqa: BLE001 (read while being replaced)
+                    ckpt = {"history": []}
+                if len(ckpt["history"]) >= 3:
+                    break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    ckpt = torch.load(checkpoint, weights_only=False)
+    assert ckpt["spent"] < 1200 - 20 and ckpt["spent"] == sum(
+        h["inner_steps"] for h in ckpt["history"]
+    )
+
+    again = subprocess.run(command(killed), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout + again.stderr
+    straight = subprocess.run(
+        command(tmp_path / "straight"), capture_output=True, text=True, timeout=300
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed = json.loads((killed / "results.json").read_text())
+    uninterrupted = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert resumed["search"]["spent"] <= 1200 and resumed["search"]["pruned"] > 0
+    assert _without_timings(resumed) == _without_timings(uninterrupted)
