@@ -73,6 +73,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # 0.05 / (1 - 0.9) = 0.5: the identical trajectory); exact reverse, the same hypergradient
     # as forward mode and cheaper on LeNet with 7 columns (docs/estimators.md)
     "avg": {"mnist28": [*AVG]},
+    # ... and a learning rate that can anneal: 5 knots linear in between (the last at step T-1)
+    "avg-linear": {"mnist28": [*AVG, "schedule.lr.param=linear"]},
+    # ... or 10 constant lr segments
+    "avg-10seg": {"mnist28": [*AVG, "schedule.lr.segments=10"]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
