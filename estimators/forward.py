@@ -510,10 +510,12 @@ def propagate(
 
 def sgd_fast_path_applies(schedule: HyperSchedule) -> bool:
     """The hand-written SGD recurrence covers plain :class:`metahpo.optim.SGD` (not a subclass,
-    no Nesterov) without per-group values, every learned key piecewise constant."""
+    no Nesterov, no averaged momentum) without per-group values, every learned key piecewise
+    constant."""
     opt = schedule.optimizer
     constant = all(type(schedule.param(k)) is Constant for k in schedule.learned)
-    return type(opt) is SGD and not opt.nesterov and not schedule.groups and constant
+    plain = type(opt) is SGD and not opt.nesterov and not opt.average
+    return plain and not schedule.groups and constant
 
 
 def sgd_propagate(

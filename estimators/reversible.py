@@ -175,6 +175,10 @@ class Reversible:
                 "estimator=reversible cannot reverse optimizer.nesterov=true (the update reads "
                 f"the gradient at the overwritten weights); use {CAN}"
             )
+        if opt.average:
+            raise ConfigError(
+                f"estimator=reversible cannot reverse optimizer.average=true; use {CAN}"
+            )
         if schedule.loss_keys:
             raise ConfigError(
                 f"estimator=reversible reverses the optimiser's step only; schedule."

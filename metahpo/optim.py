@@ -110,6 +110,14 @@ class SGD(InnerOptimizer):
     Here the update is the continuous form, so the trajectories agree whenever momentum is never
     0, or always 0.
 
+    ``average=True``: ``v' = mu v + (1 - mu) d``,
+    ``theta' = theta - lr v'``. The velocity is an average of the gradients, so ``lr`` is the
+    effective step and ``mu`` only smooths: at ``(lr, mu)`` the same trajectory as the plain
+    form at ``(lr (1 - mu), mu)`` (for a constant ``mu``), but a move of ``mu`` alone no longer
+    multiplies the step by ``1 / (1 - mu)`` (docs/outer.md: why vision experiments use it).
+    Not with Nesterov. (torch's ``dampening = momentum`` is this form except at the first step,
+    where torch sets its buffer to ``d`` undamped.)
+
     State: ``(velocity,)``.
     """
 
@@ -120,8 +128,13 @@ class SGD(InnerOptimizer):
         "weight_decay": _NONNEG,
     }
 
-    def __init__(self, nesterov: bool = False) -> None:
+    def __init__(self, nesterov: bool = False, average: bool = False) -> None:
+        if nesterov and average:
+            raise ConfigError(
+                "optimizer.average=true: averaged momentum is not defined with nesterov=true"
+            )
         self.nesterov = nesterov
+        self.average = average
 
     def init(self, theta: Tensor) -> State:
         return (torch.zeros_like(theta),)
@@ -131,6 +144,9 @@ class SGD(InnerOptimizer):
     ) -> tuple[Tensor, State]:
         (v,) = state
         mu, wd = h["momentum"], h["weight_decay"]
+        if self.average:
+            v = mu * v + (1 - mu) * (grad + wd * theta)
+            return theta - h["lr"] * v, (v,)
         # mu v + g + wd theta, summed in this order (the closed core's, so runs reproduce its
         # figures bit for bit); torch sums mu v + (g + wd theta): equal to rounding (1e-16)
         v = mu * v + grad + wd * theta
@@ -138,6 +154,8 @@ class SGD(InnerOptimizer):
         return theta - h["lr"] * update, (v,)
 
     def __repr__(self) -> str:
+        if self.average:
+            return "SGD(average=True)"
         return f"SGD(nesterov={self.nesterov})"
 
 

@@ -124,10 +124,13 @@ def _values_of(schedule: HyperSchedule, values, param: str, t: int) -> dict:
 
 def _reference_step(optimizer: InnerOptimizer, p, state, g, h, k):
     """One update of one parameter tensor, written from the torch.optim documentation (not
-    metahpo.optim): SGD (dampening 0, optionally Nesterov), Adam and AdamW; other optimisers
-    (tests' own) with their ``step``."""
+    metahpo.optim): SGD (dampening 0, optionally Nesterov, or averaged), Adam and AdamW; other
+    optimisers (tests' own) with their ``step``."""
     if optimizer.name == "sgd":
         d = g + h["weight_decay"] * p
+        if optimizer.average:  # v = mu v + (1 - mu) d: an average of the gradients
+            v = h["momentum"] * state.get("v", torch.zeros_like(p)) + (1 - h["momentum"]) * d
+            return p - h["lr"] * v, {"v": v}
         v = h["momentum"] * state.get("v", torch.zeros_like(p)) + d
         step = d + h["momentum"] * v if optimizer.nesterov else v
         return p - h["lr"] * step, {"v": v}

@@ -34,6 +34,7 @@ from tests.conftest import (
 OPTIMIZERS = {
     "sgd": SGD,
     "sgd_nesterov": lambda: SGD(nesterov=True),
+    "sgd_average": lambda: SGD(average=True),
     "adam": Adam,
     "adamw": AdamW,
 }
@@ -88,6 +89,31 @@ def test_trajectory_equals_torch_optim(name, values, torch_cls, extra) -> None:
     err = float((state.theta - want).abs().max())
     assert err <= 1e-12, f"{name}: max |theta - torch| = {err:.2e}"
     assert float((want - flat.flatten(params)).abs().max()) > 1e-3  # it did train
+
+
+def test_averaged_momentum_is_plain_sgd_with_lr_over_one_minus_momentum() -> None:
+    """SGD(average=True) at (lr, mu) is torch.optim.SGD at (lr (1 - mu), mu) step for step
+    (float64, 50 steps): a baseline can be stated exactly in either form."""
+    task = small_digits(activation="relu")
+    lr, mu, wd = 0.5, 0.9, 1e-3
+    flat, state = fit(
+        task, constant_schedule(50, SGD(average=True), lr=lr, momentum=mu, weight_decay=wd)
+    )
+    params, buffers = task.init_params()
+    leaves = [p.detach().clone().requires_grad_(True) for p in params.values()]
+    opt = torch.optim.SGD(leaves, lr=lr * (1 - mu), momentum=mu, weight_decay=wd)
+    for t in range(50):
+        opt.zero_grad()
+        task.train_loss(dict(zip(params, leaves, strict=True)), buffers, task.batch(t)).backward()
+        opt.step()
+    want = torch.cat([p.detach().reshape(-1) for p in leaves])
+    assert float((state.theta - want).abs().max()) <= 1e-12
+    assert float((want - flat.flatten(params)).abs().max()) > 1e-3  # it did train
+
+
+def test_averaged_momentum_refuses_nesterov() -> None:
+    with pytest.raises(ConfigError, match=r"^optimizer\.average=true: .* nesterov=true$"):
+        SGD(nesterov=True, average=True)
 
 
 # -- exactness ---------------------------------------------------------------------------------
@@ -307,6 +333,7 @@ def test_a_users_optimiser_is_differentiated_by_every_exact_estimator() -> None:
         ),
         (["optimizer._target_=metahpo.outer.SGD"], r"is not a metahpo\.optim\.InnerOptimizer$"),
         (["optimizer.nesterov=maybe"], r"^optimizer\.nesterov='maybe' must be true or false$"),
+        (["optimizer.average=1.5"], r"^optimizer\.average=1\.5 must be true or false$"),
         (["optimizer=nope"], r"^optimizer='nope' is unknown; allowed: adam, adamw, sgd$"),
     ],
 )

@@ -240,6 +240,7 @@ def test_matches_central_differences() -> None:
     [
         (Adam(), r"^estimator=reversible reverses SGD only, not optimizer=adam; use forward"),
         (SGD(nesterov=True), r"^estimator=reversible cannot reverse optimizer\.nesterov=true"),
+        (SGD(average=True), r"^estimator=reversible cannot reverse optimizer\.average=true"),
     ],
 )
 def test_other_optimisers_are_refused_before_training(
