@@ -403,12 +403,8 @@ class CompiledProducts:
     def _products(
         self, theta: Tensor, buffers: dict[str, Tensor], x: Tensor, y: Tensor, Z: Tensor
     ) -> tuple[Tensor, Tensor]:
-        gradf = grad(lambda th: self.flat.train_loss(th, buffers, (x, y)))
-
-        def column(z: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(gradf, (theta,), (z,))  # type: ignore[no-any-return]
-
-        return vmap(column, out_dims=(None, 0))(Z)  # type: ignore[no-any-return]
+        # the eager fwd_rev product itself, traced (one block: the padding chunks outside)
+        return grad_and_hvp("fwd_rev", self.flat, InnerState(theta, (), buffers), (x, y), Z)
 
     def padded_size(self, n: int) -> int:
         """The compiled column count that holds ``n`` columns (the largest size beyond it)."""

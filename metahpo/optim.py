@@ -114,7 +114,8 @@ class SGD(InnerOptimizer):
     ``theta' = theta - lr v'``. The velocity is an average of the gradients, so ``lr`` is the
     effective step and ``mu`` only smooths: at ``(lr, mu)`` the same trajectory as the plain
     form at ``(lr (1 - mu), mu)`` (for a constant ``mu``), but a move of ``mu`` alone no longer
-    multiplies the step by ``1 / (1 - mu)`` (docs/outer.md: why vision experiments use it).
+    multiplies the step by ``1 / (1 - mu)`` (docs/outer.md: measured on the vision stand-in;
+    no experiment uses it by default).
     Not with Nesterov. (torch's ``dampening = momentum`` is this form except at the first step,
     where torch sets its buffer to ``d`` undamped.)
 
