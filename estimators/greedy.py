@@ -14,7 +14,7 @@ from metahpo.device import CostMeter
 from metahpo.inner import FlatTask
 from metahpo.reverse import check_window, window_hypergradient
 from metahpo.schedule import HyperSchedule, raw_steps
-from metahpo.validation import Accept, Positive, PositiveInt, Tolerance, checked
+from metahpo.validation import Accept, Positive, PositiveInt, Tolerance, checked, rise_limit
 
 Update = Literal["sign", "gradient"]
 DEFAULT_STEP_SIZE = {"lr": 0.02, "momentum": 0.05, "weight_decay": 1.0e-4}
@@ -119,7 +119,7 @@ class Guard:
         """The next window's schedule, from the one in force, its estimate and its end loss."""
         owner = self.owner
         if owner.accept == "meta_loss" and self.anchor is not None:
-            limit = self.best + owner.tolerance * abs(self.best)
+            limit = rise_limit(self.best, owner.tolerance)
             if not loss <= limit:  # NaN too
                 owner.scale /= 2
                 self.rejections.append(

@@ -34,6 +34,7 @@ from metahpo.plugins import (
 )
 from metahpo.results import SCHEMA_VERSION
 from metahpo.schedule import HyperSchedule
+from metahpo.validation import rise_limit
 
 log = logging.getLogger("metahpo")
 SEED_STRIDE = 1000  # outer.seeds=n averages over seed, seed + 1000, ..., seed + 1000 (n - 1)
@@ -442,7 +443,7 @@ class _OuterLoop:
         )
         if best is None:
             return None
-        return best + float(self.cfg.outer.tolerance) * abs(best), best
+        return rise_limit(best, float(self.cfg.outer.tolerance)), best
 
     def _reject(self, reason: str, meta_loss: float | None = None) -> None:
         """Count a rejected outer step; retry from the anchor with a halved step, or stop."""

@@ -57,6 +57,11 @@ Accept = Literal["finite", "meta_loss"]
 Tolerance = Annotated[float, at.Ge(0)]
 
 
+def rise_limit(best: float, tolerance: float) -> float:
+    """The highest loss ``accept=meta_loss`` keeps: ``best + tolerance |best|``."""
+    return best + tolerance * abs(best)
+
+
 #: Arguments some plugins of a kind take and others do not: what to say when one is given to a
 #: plugin that does not take it.
 ELSEWHERE = {
