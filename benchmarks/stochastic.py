@@ -55,6 +55,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -655,153 +656,180 @@ def _pm(mean: float, std: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A markdown table (with a blank line after it) from a header and rows of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _load(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def report(out: Path) -> str:
     """Markdown tables of the JSON files in ``out`` (those that exist)."""
-    parts = []
-    if (out / "pes_bias.json").exists():
-        r = json.loads((out / "pes_bias.json").read_text())
-        parts.append(
-            "| K | exact | truncated | PES ± s.e. | PES within 3 s.e. | truncated off by (s.e.) |"
-        )
-        parts.append("|---|---|---|---|---|---|")
-        for x in r["rows"]:
-            parts.append(
-                f"| {x['K']} | {x['exact']:.2f} | {x['truncated']:.2f} | "
-                f"{x['pes']:.2f} ± {x['pes_stderr']:.2f} | {'yes' if x['pes_within_3se'] else 'no'}"
-                f" | {x['truncated_off_by_se']:.1f} |"
-            )
-        parts.append("")
-    if (out / "es_cosine.json").exists():
-        r = json.loads((out / "es_cosine.json").read_text())
-        parts.append("| pairs | cosine (raw units) | cosine (scaled by bounds) | seconds |")
-        parts.append("|---|---|---|---|")
-        for x in r["rows"]:
-            parts.append(
-                f"| {x['pairs']} | {_pm(x['cosine_mean'], x['cosine_std'], 2)} | "
-                f"{_pm(x['scaled_cosine_mean'], x['scaled_cosine_std'], 2)} | "
-                f"{x['seconds_mean']:.1f} |"
-            )
-        parts.append("")
-    if (out / "evograd_cosine.json").exists():
-        r = json.loads((out / "evograd_cosine.json").read_text())
-        sigmas = sorted({x["sigma"] for x in r["rows"]})
-        parts.append("| K | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |")
-        parts.append("|---" * (len(sigmas) + 1) + "|")
-        for k in sorted({x["K"] for x in r["rows"]}):
-            cells = [
-                _pm(x["cosine_mean"], x["cosine_std"], 2)
-                for s in sigmas
+    parts: list[str] = []
+    if r := _load(out, "pes_bias"):
+        header = ["K", "exact", "truncated", "PES ± s.e.", "PES within 3 s.e."]
+        parts += _table(
+            [*header, "truncated off by (s.e.)"],
+            (
+                [
+                    str(x["K"]),
+                    f"{x['exact']:.2f}",
+                    f"{x['truncated']:.2f}",
+                    f"{x['pes']:.2f} ± {x['pes_stderr']:.2f}",
+                    "yes" if x["pes_within_3se"] else "no",
+                    f"{x['truncated_off_by_se']:.1f}",
+                ]
                 for x in r["rows"]
-                if x["K"] == k and x["sigma"] == s
-            ]
-            parts.append(f"| {k} | " + " | ".join(cells) + " |")
-        parts.append("")
-        parts.append("| estimator | ms per inner step | peak MiB |")
-        parts.append("|---|---|---|")
-        for c in r["cost"]:
-            parts.append(
-                f"| {c['estimator']} | {1e3 * c['seconds_per_step']:.1f} | {c['peak_mib']:.2f} |"
-            )
-        parts.append("")
-    if (out / "evograd_cost.json").exists():
-        r = json.loads((out / "evograd_cost.json").read_text())
-        parts.append("| task | estimator | ms per inner step | peak MiB |")
-        parts.append("|---|---|---|---|")
-        for c in r["rows"]:
-            parts.append(
-                f"| {c['task']} | {c['estimator']} | {1e3 * c['seconds_per_step']:.1f} | "
-                f"{c['peak_mib']:.1f} |"
-            )
-        parts.append("")
-    if (out / "noisy_labels.json").exists():
-        r = json.loads((out / "noisy_labels.json").read_text())
-        parts.append(
-            "| arm | test accuracy | estimator seconds (run) | peak MiB | label smoothing | L2 |"
+            ),
         )
-        parts.append("|---|---|---|---|---|---|")
+    if r := _load(out, "es_cosine"):
+        parts += _table(
+            ["pairs", "cosine (raw units)", "cosine (scaled by bounds)", "seconds"],
+            (
+                [
+                    str(x["pairs"]),
+                    _pm(x["cosine_mean"], x["cosine_std"], 2),
+                    _pm(x["scaled_cosine_mean"], x["scaled_cosine_std"], 2),
+                    f"{x['seconds_mean']:.1f}",
+                ]
+                for x in r["rows"]
+            ),
+        )
+    if r := _load(out, "evograd_cosine"):
+        sigmas = sorted({x["sigma"] for x in r["rows"]})
+        parts += _table(
+            ["K", *(f"sigma {s:g}" for s in sigmas)],
+            (
+                [
+                    str(k),
+                    *(
+                        _pm(x["cosine_mean"], x["cosine_std"], 2)
+                        for s in sigmas
+                        for x in r["rows"]
+                        if x["K"] == k and x["sigma"] == s
+                    ),
+                ]
+                for k in sorted({x["K"] for x in r["rows"]})
+            ),
+        )
+        parts += _table(
+            ["estimator", "ms per inner step", "peak MiB"],
+            (
+                [c["estimator"], f"{1e3 * c['seconds_per_step']:.1f}", f"{c['peak_mib']:.2f}"]
+                for c in r["cost"]
+            ),
+        )
+    if r := _load(out, "evograd_cost"):
+        parts += _table(
+            ["task", "estimator", "ms per inner step", "peak MiB"],
+            (
+                [
+                    c["task"],
+                    c["estimator"],
+                    f"{1e3 * c['seconds_per_step']:.1f}",
+                    f"{c['peak_mib']:.1f}",
+                ]
+                for c in r["rows"]
+            ),
+        )
+    if r := _load(out, "noisy_labels"):
+        rows = []
         for x in r["rows"]:
             secs = (
                 _pm(x["estimator_seconds"], x.get("estimator_seconds_std"), 1)
                 if "estimator_seconds" in x
                 else "-"
             )
-            peak = f"{x['peak_mib']:.1f}" if "peak_mib" in x else "-"
             ls = x.get("label_smoothing_per_seed")
             l2 = x.get("l2_per_seed")
-            ls_txt = (
-                "; ".join("[" + ", ".join(f"{v:.3f}" for v in s) + "]" for s in ls) if ls else "0"
+            rows.append(
+                [
+                    x["arm"],
+                    _pm(x["test_accuracy"], x.get("test_accuracy_std"), 4),
+                    secs,
+                    f"{x['peak_mib']:.1f}" if "peak_mib" in x else "-",
+                    "; ".join("[" + ", ".join(f"{v:.3f}" for v in s) + "]" for s in ls)
+                    if ls
+                    else "0",
+                    ", ".join(f"{s[0]:.4f}" for s in l2) if l2 else "0",
+                ]
             )
-            l2_txt = ", ".join(f"{s[0]:.4f}" for s in l2) if l2 else "0"
-            parts.append(
-                f"| {x['arm']} | {_pm(x['test_accuracy'], x.get('test_accuracy_std'), 4)} | "
-                f"{secs} | {peak} | {ls_txt} | {l2_txt} |"
-            )
-        parts.append("")
-    if (out / "edge.json").exists():
-        r = json.loads((out / "edge.json").read_text())
-        parts.append(
-            "| arm | learned val loss | test accuracy | largest abs hypergradient | "
-            "rejected steps | estimator seconds |"
+        header = ["arm", "test accuracy", "estimator seconds (run)", "peak MiB"]
+        parts += _table([*header, "label smoothing", "L2"], rows)
+    if r := _load(out, "edge"):
+        header = ["arm", "learned val loss", "test accuracy", "largest abs hypergradient"]
+        parts += _table(
+            [*header, "rejected steps", "estimator seconds"],
+            (
+                [*_edge_cells(x), _pm(x["estimator_seconds"], x["estimator_seconds_std"], 1)]
+                for x in r["rows"]
+            ),
         )
-        parts.append("|---|---|---|---|---|---|")
+    if r := _load(out, "edge_long"):
+        rows = []
         for x in r["rows"]:
-            parts.append(
-                f"| {x['arm']} | {_pm(x['learned_val_loss'], x['learned_val_loss_std'], 3)} | "
-                f"{_pm(x['test_accuracy'], x['test_accuracy_std'], 4)} | "
-                f"{x['max_abs_hypergradient']:.3g} | {x['rejected_steps']} | "
-                f"{_pm(x['estimator_seconds'], x['estimator_seconds_std'], 1)} |"
-            )
-        parts.append("")
-    if (out / "edge_long.json").exists():
-        r = json.loads((out / "edge_long.json").read_text())
-        parts.append(
-            "| arm (T = 2000) | learned val loss | test accuracy | largest abs hypergradient | "
-            "rejected outer steps | online rejections | stopped | wall seconds |"
-        )
-        parts.append("|---|---|---|---|---|---|---|---|")
-        for x in r["rows"]:
-            stopped = ", ".join(str(y.get("stopped")) for y in x["runs"])
             wall = [y["wall_seconds"] for y in x["runs"]]
             spread = statistics.stdev(wall) if len(wall) > 1 else None
-            parts.append(
-                f"| {x['arm']} | {_pm(x['learned_val_loss'], x['learned_val_loss_std'], 3)} | "
-                f"{_pm(x['test_accuracy'], x['test_accuracy_std'], 4)} | "
-                f"{x['max_abs_hypergradient']:.3g} | {x['rejected_steps']} | "
-                f"{sum(y.get('online_rejections', 0) for y in x['runs'])} | {stopped} | "
-                f"{_pm(statistics.fmean(wall), spread, 0)} |"
+            rows.append(
+                [
+                    *_edge_cells(x),
+                    str(sum(y.get("online_rejections", 0) for y in x["runs"])),
+                    ", ".join(str(y.get("stopped")) for y in x["runs"]),
+                    _pm(statistics.fmean(wall), spread, 0),
+                ]
             )
-        parts.append("")
-    if (out / "guard.json").exists():
-        r = json.loads((out / "guard.json").read_text())
-        parts.append(
-            "| estimator | accept | learned val loss | test accuracy | online rejections / "
-            "windows | wall seconds |"
+        header = ["arm (T = 2000)", "learned val loss", "test accuracy"]
+        header += ["largest abs hypergradient", "rejected outer steps", "online rejections"]
+        parts += _table([*header, "stopped", "wall seconds"], rows)
+    if r := _load(out, "guard"):
+        header = ["estimator", "accept", "learned val loss", "test accuracy"]
+        parts += _table(
+            [*header, "online rejections / windows", "wall seconds"],
+            (
+                [
+                    x["arm"],
+                    x["accept"],
+                    _pm(x["learned_val_loss"], x["learned_val_loss_std"], 4),
+                    _pm(x["test_accuracy"], x["test_accuracy_std"], 4),
+                    f"{x['online_rejections']} / {x['windows']}",
+                    _pm(x["wall_seconds"], x["wall_seconds_std"], 0),
+                ]
+                for x in r["rows"]
+            ),
         )
-        parts.append("|---|---|---|---|---|---|")
-        for x in r["rows"]:
-            parts.append(
-                f"| {x['arm']} | {x['accept']} | "
-                f"{_pm(x['learned_val_loss'], x['learned_val_loss_std'], 4)} | "
-                f"{_pm(x['test_accuracy'], x['test_accuracy_std'], 4)} | "
-                f"{x['online_rejections']} / {x['windows']} | "
-                f"{_pm(x['wall_seconds'], x['wall_seconds_std'], 0)} |"
-            )
-        parts.append("")
-    if (out / "es_batch.json").exists():
-        r = json.loads((out / "es_batch.json").read_text())
-        parts.append(
-            "| task | pairs | seconds, one by one | seconds, vmap | speed-up | runs per vmap | "
-            "largest relative difference |"
+    if r := _load(out, "es_batch"):
+        header = ["task", "pairs", "seconds, one by one", "seconds, vmap", "speed-up"]
+        parts += _table(
+            [*header, "runs per vmap", "largest relative difference"],
+            (
+                [
+                    x["task"],
+                    str(x["pairs"]),
+                    f"{x['seconds_sequential']:.3f}",
+                    f"{x['seconds_batched']:.3f}",
+                    f"{x['speedup']:.2f}x",
+                    str(x["runs_per_vmap"]),
+                    f"{x['max_relative_difference']:.1e}",
+                ]
+                for x in r["rows"]
+            ),
         )
-        parts.append("|---|---|---|---|---|---|---|")
-        for x in r["rows"]:
-            parts.append(
-                f"| {x['task']} | {x['pairs']} | {x['seconds_sequential']:.3f} | "
-                f"{x['seconds_batched']:.3f} | {x['speedup']:.2f}x | {x['runs_per_vmap']} | "
-                f"{x['max_relative_difference']:.1e} |"
-            )
-        parts.append("")
     return "\n".join(parts)
+
+
+def _edge_cells(x: dict[str, Any]) -> list[str]:
+    """The arm, loss, accuracy, hypergradient and rejection cells both edge tables share."""
+    return [
+        x["arm"],
+        _pm(x["learned_val_loss"], x["learned_val_loss_std"], 3),
+        _pm(x["test_accuracy"], x["test_accuracy_std"], 4),
+        f"{x['max_abs_hypergradient']:.3g}",
+        str(x["rejected_steps"]),
+    ]
 
 
 EXPERIMENTS = {
