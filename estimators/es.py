@@ -14,7 +14,7 @@ from torch import Tensor
 
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, Task
 from metahpo.device import CostMeter
-from metahpo.inner import FlatTask, Steps, fit
+from metahpo.inner import FlatTask, InnerState, Steps, fit, train
 from metahpo.schedule import HyperSchedule
 from metahpo.validation import Fraction, Positive, PositiveInt, checked
 
@@ -200,8 +200,9 @@ class EvolutionStrategies:
 
 def batched_meta_losses(task: Task, schedules: list[HyperSchedule]) -> list[float]:
     """:func:`_meta_loss` of every schedule, their inner runs batched with ``torch.func.vmap``:
-    one step of all runs at a time (the same batches; weights, optimiser state and
-    hyperparameter values, loss hyperparameters included, per run).
+    one step of all runs at a time by the one inner loop, :func:`metahpo.inner.train` (the same
+    batches; weights, optimiser state and hyperparameter values, loss hyperparameters included,
+    per run).
 
     Dropout masks are drawn once per step for all runs: with a task's per-step seeded masks
     (:class:`~metahpo.core.StepBatch`) the masks each run draws alone.
@@ -216,24 +217,37 @@ def batched_meta_losses(task: Task, schedules: list[HyperSchedule]) -> list[floa
     if init.buffers:
         raise ValueError("batch-norm buffers are not batched")
     table = {k: torch.stack([r.table[k] for r in runs]) for k in first.keys}  # [n, T]
-    theta = init.theta.expand(n, *init.theta.shape)
-    opt_state = tuple(x.expand(n, *x.shape) for x in init.opt_state)
     loss_keys = first.loss_keys
 
-    def one(t: int, batch: Any, theta: Tensor, opt_state: Any, values: dict[str, Tensor]) -> Any:
-        step_batch = first.attach(t, batch, {k: values[k] for k in loss_keys})
-        grad = torch.func.grad(flat.train_loss)(theta, init.buffers, step_batch)
-        return first.step(t, theta, opt_state, grad, values)
+    def grad_fn(t: int, state: InnerState, batch: Any) -> Tensor:
+        def one(theta: Tensor, values: dict[str, Tensor]) -> Tensor:
+            return torch.func.grad(flat.train_loss)(
+                theta, init.buffers, first.attach(t, batch, values)
+            )
 
+        # randomness="same": one dropout mask per step for all runs, as each run alone draws
+        # it from the step's seed
+        values = {k: table[k][:, t] for k in loss_keys}
+        return torch.func.vmap(one, randomness="same")(state.theta, values)
+
+    def step_fn(t: int, state: InnerState, grad: Tensor) -> Any:
+        values = {k: v[:, t] for k, v in table.items()}
+        return torch.func.vmap(functools.partial(first.step, t))(
+            state.theta, state.opt_state, grad, values
+        )
+
+    start = InnerState(
+        init.theta.expand(n, *init.theta.shape),
+        tuple(x.expand(n, *x.shape) for x in init.opt_state),
+        init.buffers,
+        0,
+    )
     with torch.no_grad():
-        for t in range(schedules[0].horizon):
-            batch = flat.batch(t)
-            # randomness="same": one dropout mask per step for all runs, as each run alone
-            # draws it from the step's seed
-            step = torch.func.vmap(functools.partial(one, t, batch), randomness="same")
-            theta, opt_state = step(theta, opt_state, {k: v[:, t] for k, v in table.items()})
+        end = train(
+            flat, first, start, schedules[0].horizon, grad_fn=grad_fn, step_fn=step_fn, finite=False
+        )
         out = []
-        for row in theta:
+        for row in end.theta:
             finite = bool(torch.isfinite(row).all())
             out.append(float(flat.val_loss(row, init.buffers)) if finite else math.inf)
     return out

@@ -297,6 +297,7 @@ def train(
     grad_fn: GradFn | None = None,
     step_fn: StepFn | None = None,
     on_step: StepHook | None = None,
+    finite: bool = True,
 ) -> InnerState:
     """Run inner steps ``state.step .. stop-1`` and return the state after them.
 
@@ -310,9 +311,11 @@ def train(
         step_fn: ``(t, state, gradient) -> (theta, opt_state)`` (default: ``steps.step`` with
             step t's values); forward mode's computes the update together with its tangents.
         on_step: ``(t, state_before, state_after, batch)``, called after every step.
+        finite: raise when the parameters end non-finite (``False``: the caller checks, as a
+            batch of runs stepped together with ``vmap`` does, row by row).
 
     Raises:
-        DivergenceError: the parameters are not finite at the end.
+        DivergenceError: the parameters are not finite at the end (with ``finite``).
     """
     grad_fn = grad_fn or flat.grad
     if step_fn is None:
@@ -333,7 +336,7 @@ def train(
         if on_step is not None:
             on_step(t, state, new, batch)
         state = new
-    if not bool(torch.isfinite(state.theta).all()):
+    if finite and not bool(torch.isfinite(state.theta).all()):
         raise DivergenceError(
             f"inner training diverged: parameters are not finite after step {state.step} "
             f"({steps.describe()})"
