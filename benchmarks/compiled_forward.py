@@ -9,7 +9,8 @@ Hessian-vector products by
 - ``eager``: the shipped default (``hvp="model"``: ``rev_rev``, vectorised on the MLP, one
   column per call on LeNet);
 - ``compiled``: :class:`metahpo.estimators.forward.CompiledProducts` (``fwd_rev`` through
-  ``torch.compile``, ``dynamic=False``), the columns padded to ``compile_sizes`` (``--sizes``, default 8 32);
+  ``torch.compile``, ``dynamic=False``), the columns padded to ``compile_sizes``
+  (``--sizes``, default 8 32; 7 30 measures exact sizes, no padding);
 
 ``compile_s`` is the first compiled call (dynamo trace, AOT autograd, code generation and one
 run) with inductor's on-disk caches off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` is set before
