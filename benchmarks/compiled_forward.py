@@ -9,7 +9,8 @@ Hessian-vector products by
 - ``eager``: the shipped default (``hvp="model"``: ``rev_rev``, vectorised on the MLP, one
   column per call on LeNet);
 - ``compiled``: :class:`metahpo.estimators.forward.CompiledProducts` (``fwd_rev`` through
-  ``torch.compile``, ``dynamic=False``), the columns padded to ``compile_sizes`` (8, 32);
+  ``torch.compile``, ``dynamic=False``), the columns padded to ``compile_sizes``
+  (``--sizes``, default 8 32; 7 30 measures exact sizes, no padding);
 
 ``compile_s`` is the first compiled call (dynamo trace, AOT autograd, code generation and one
 run) with inductor's on-disk caches off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` is set before
@@ -52,8 +53,9 @@ def _task(model: str, dtype: torch.dtype, batch: int) -> Any:
 
 
 def case(
-    model: str, dtype: torch.dtype, columns: int, batch: int, repeats: int, backend: str
-) -> dict[str, Any]:
+    model: str, dtype: torch.dtype, columns: int, batch: int, repeats: int, backend: str,
+    sizes: tuple[int, ...] = (8, 32),
+) -> dict[str, Any]:  # fmt: skip
     task = _task(model, dtype, batch)
     flat = FlatTask(task)
     st, b = flat.init_state(), flat.batch(0)
@@ -64,7 +66,7 @@ def case(
         return grad_and_hvp(mode, flat, st, b, Z, chunk)
 
     torch._dynamo.reset()
-    products = CompiledProducts(flat, backend, (8, 32))
+    products = CompiledProducts(flat, backend, sizes)
     start = time.perf_counter()
     g, hz = products(st, b, Z)
     compile_s = time.perf_counter() - start
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--columns", nargs="+", type=int, default=[7, 30])
     parser.add_argument("--lenet-batch", type=int, default=32)
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[8, 32], help="compile_sizes (columns padded to)"
+    )
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's disk caches")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             for columns in args.columns:
                 row = case(
                     model, getattr(torch, dtype), columns, args.lenet_batch, args.repeats,
-                    args.backend,
+                    args.backend, tuple(args.sizes),
                 )  # fmt: skip
                 rows.append(row)
                 print(_line(row), flush=True)
