@@ -45,6 +45,7 @@ AVG = [
     "optimizer.baseline={lr: 0.5, momentum: 0.9, weight_decay: 5.0e-4}",
     "estimator=exact_reverse",
 ]
+LOG_LR = ["schedule.lr.param=log", "schedule.lr.init=1.0e-3", "schedule.lr.bounds=[1.0e-4,1.0]"]
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "old": {
         "mnist28": [
@@ -80,6 +81,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     "avg-linear": {"mnist28": [*AVG, "schedule.lr.param=linear"]},
     # ... or 10 constant lr segments
     "avg-10seg": {"mnist28": [*AVG, "schedule.lr.segments=10"]},
+    # issue 13, image task: the learning rate in log space (from 1e-3, bounds [1e-4, 1]): Rprop's
+    # steps become relative (10 % of the log-width: x2.5 at first), so the lr approaches the edge
+    # of stability from below in a few growing steps instead of jumping to 0.1 at step 1
+    "log-lr": {"mnist28": [*LOG_LR, "estimator=exact_reverse"]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
