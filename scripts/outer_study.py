@@ -85,6 +85,9 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # steps become relative (10 % of the log-width: x2.5 at first), so the lr approaches the edge
     # of stability from below in a few growing steps instead of jumping to 0.1 at step 1
     "log-lr": {"mnist28": [*LOG_LR, "estimator=exact_reverse"]},
+    # ... with a smoother meta-objective: the sum of the validation losses at steps 55, 110, 165
+    # and 220 (estimator.window=55), so a schedule whose training spikes anywhere scores worse
+    "log-lr-win": {"mnist28": [*LOG_LR, "estimator=exact_reverse", "estimator.window=55"]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
