@@ -88,6 +88,9 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # ... with a smoother meta-objective: the sum of the validation losses at steps 55, 110, 165
     # and 220 (estimator.window=55), so a schedule whose training spikes anywhere scores worse
     "log-lr-win": {"mnist28": [*LOG_LR, "estimator=exact_reverse", "estimator.window=55"]},
+    # ... in the averaged form (optimizer.average=true: lr is the effective step, so its upper
+    # bound 1 caps the effective step, which plain SGD's lr / (1 - momentum) does not)
+    "avg-log-lr": {"mnist28": [*AVG, *LOG_LR]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
