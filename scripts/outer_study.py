@@ -215,6 +215,31 @@ def history(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def more_seeds(run_dir: Path, seeds: list[int]) -> None:
+    """Retrain a finished run's learned schedule and its baseline with more final seeds, into
+    ``more_seeds.json`` beside its results (``metahpo.evaluation.retrain``, one torch thread)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from metahpo.build import build, optimizer_from_config
+    from metahpo.evaluation import retrain
+    from metahpo.schedule import HyperSchedule
+
+    torch.set_num_threads(1)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    setup = build(cfg)
+    r = json.loads((run_dir / "results.json").read_text())
+    inner = optimizer_from_config(cfg.optimizer)
+    learned = HyperSchedule.from_dict(cfg.horizon, r["learned_schedule"], inner)
+    path = run_dir / "more_seeds.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for label, schedule in (("learned", learned), ("baseline", setup.baseline)):
+        for seed in seeds:
+            if str(seed) not in out.setdefault(label, {}):
+                out[label][str(seed)] = retrain(setup.task, schedule, seed)
+                path.write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -224,6 +249,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the digits IDX root (default: OUT/digits28)")
     parser.add_argument("--history", type=Path, help="print one run's meta-loss history")
     parser.add_argument("--summary", action="store_true", help="only rewrite the summary")
+    parser.add_argument(
+        "--more-seeds", nargs="*", type=int, help="retrain finished runs with these final seeds"
+    )
     parser.add_argument("extra", nargs="*", help="overrides added to every run")
     args = parser.parse_args()
     if args.history:
@@ -235,6 +263,15 @@ def main() -> None:
         from tests.vision_files import write_digits_as_mnist
 
         print("digits as MNIST IDX files:", write_digits_as_mnist(data), flush=True)
+    if args.more_seeds:
+        for exp in args.only:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    run_dir = args.out / exp / variant / f"s{seed}"
+                    if exp in VARIANTS[variant] and (run_dir / "results.json").is_file():
+                        more_seeds(run_dir, args.more_seeds)
+                        print("more final seeds:", run_dir, flush=True)
+        return
     if not args.summary:
         # seed by seed, so that a cut-short study has every experiment at its first seeds
         for seed in args.seeds:
