@@ -91,6 +91,9 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # ... in the averaged form (optimizer.average=true: lr is the effective step, so its upper
     # bound 1 caps the effective step, which plain SGD's lr / (1 - momentum) does not)
     "avg-log-lr": {"mnist28": [*AVG, *LOG_LR]},
+    # ... or the shipped loop with three seeds per estimate and selection (the same budget of 22
+    # inner runs, so about seven estimates): a fragile schedule fails more often on three seeds
+    "rev-3seeds": {"mnist28": ["estimator=exact_reverse", "outer.seeds=3"]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
