@@ -22,7 +22,7 @@ from metahpo.config import check_writable
 from metahpo.core import ConfigError, DivergenceError, Hypergradient, HypergradientEstimator, Task
 from metahpo.device import CostMeter, rng_states, set_rng_states
 from metahpo.evaluation import final_evaluation
-from metahpo.inner import StepHook, fit
+from metahpo.inner import FlatTask, StepHook, fit
 from metahpo.loggers import step_metrics
 from metahpo.outer import clip_by_norm
 from metahpo.plots import plot_history, plot_schedules
@@ -33,6 +33,7 @@ from metahpo.plugins import (
     nonfinite_message,
 )
 from metahpo.results import SCHEMA_VERSION
+from metahpo.reverse import window_ends
 from metahpo.schedule import HyperSchedule
 from metahpo.validation import rise_limit
 
@@ -60,19 +61,38 @@ def hypergradient(
 
 
 def meta_loss(
-    task: Task, schedule: HyperSchedule, on_step: StepHook | None = None
+    task: Task,
+    schedule: HyperSchedule,
+    on_step: StepHook | None = None,
+    window: int | None = None,
 ) -> dict[str, float | None]:
     """Validation loss and accuracy after a plain inner run with ``schedule`` (no derivatives;
-    ``on_step`` as for :func:`metahpo.inner.train`).
+    ``on_step`` as for :func:`metahpo.inner.train`). With ``window = W`` the meta-loss is the
+    estimators' windowed objective (``estimator.window``): the sum of the validation losses
+    after every ``W`` steps and at the end; ``final_val_loss`` is then the last term.
 
     Raises:
         DivergenceError: the run or its validation loss is not finite.
     """
-    flat, state = fit(task, schedule, on_step=on_step)
+    ends = set(window_ends(window, schedule.horizon)[:-1])
+    earlier: list[float] = []
+
+    def hook(t: int, before: Any, after: Any, batch: Any) -> None:
+        if on_step is not None:
+            on_step(t, before, after, batch)
+        if t + 1 in ends:
+            earlier.append(probe.evaluate(after, "val")["loss"])
+
+    probe = FlatTask(task)  # evaluates the window ends' states
+    flat, state = fit(task, schedule, on_step=hook if ends else on_step)
     out = flat.evaluate(state, "val")
-    if not math.isfinite(out["loss"]):
+    total = out["loss"] + sum(earlier)
+    if not math.isfinite(total):
         raise DivergenceError("inner training diverged: the validation loss is not finite")
-    return {"meta_loss": out["loss"], "val_accuracy": out["accuracy"]}
+    scores: dict[str, float | None] = {"meta_loss": total, "val_accuracy": out["accuracy"]}
+    if window is not None:
+        scores["final_val_loss"] = out["loss"]
+    return scores
 
 
 def run(
@@ -521,7 +541,9 @@ class _OuterLoop:
                 per_seed = []
                 for task in self.tasks:
                     self.inner_runs += 1
-                    per_seed.append(meta_loss(task, self.schedule))
+                    # the estimator's own objective (its window's sum, if it has one)
+                    window = getattr(self.setup.estimator, "window", None)
+                    per_seed.append(meta_loss(task, self.schedule, window=window))
                 scores: dict[str, Any] = {
                     "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),
                     "val_accuracy": _mean_or_none([s["val_accuracy"] for s in per_seed]),

@@ -45,6 +45,7 @@ AVG = [
     "optimizer.baseline={lr: 0.5, momentum: 0.9, weight_decay: 5.0e-4}",
     "estimator=exact_reverse",
 ]
+LOG_LR = ["schedule.lr.param=log", "schedule.lr.init=1.0e-3", "schedule.lr.bounds=[1.0e-4,1.0]"]
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "old": {
         "mnist28": [
@@ -80,6 +81,19 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     "avg-linear": {"mnist28": [*AVG, "schedule.lr.param=linear"]},
     # ... or 10 constant lr segments
     "avg-10seg": {"mnist28": [*AVG, "schedule.lr.segments=10"]},
+    # issue 13, image task: the learning rate in log space (from 1e-3, bounds [1e-4, 1]): Rprop's
+    # steps become relative (10 % of the log-width: x2.5 at first), so the lr approaches the edge
+    # of stability from below in a few growing steps instead of jumping to 0.1 at step 1
+    "log-lr": {"mnist28": [*LOG_LR, "estimator=exact_reverse"]},
+    # ... with a smoother meta-objective: the sum of the validation losses at steps 55, 110, 165
+    # and 220 (estimator.window=55), so a schedule whose training spikes anywhere scores worse
+    "log-lr-win": {"mnist28": [*LOG_LR, "estimator=exact_reverse", "estimator.window=55"]},
+    # ... in the averaged form (optimizer.average=true: lr is the effective step, so its upper
+    # bound 1 caps the effective step, which plain SGD's lr / (1 - momentum) does not)
+    "avg-log-lr": {"mnist28": [*AVG, *LOG_LR]},
+    # ... or the shipped loop with three seeds per estimate and selection (the same budget of 22
+    # inner runs, so about seven estimates): a fragile schedule fails more often on three seeds
+    "rev-3seeds": {"mnist28": ["estimator=exact_reverse", "outer.seeds=3"]},
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},
@@ -204,6 +218,31 @@ def history(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def more_seeds(run_dir: Path, seeds: list[int]) -> None:
+    """Retrain a finished run's learned schedule and its baseline with more final seeds, into
+    ``more_seeds.json`` beside its results (``metahpo.evaluation.retrain``, one torch thread)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from metahpo.build import build, optimizer_from_config
+    from metahpo.evaluation import retrain
+    from metahpo.schedule import HyperSchedule
+
+    torch.set_num_threads(1)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    setup = build(cfg)
+    r = json.loads((run_dir / "results.json").read_text())
+    inner = optimizer_from_config(cfg.optimizer)
+    learned = HyperSchedule.from_dict(cfg.horizon, r["learned_schedule"], inner)
+    path = run_dir / "more_seeds.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for label, schedule in (("learned", learned), ("baseline", setup.baseline)):
+        for seed in seeds:
+            if str(seed) not in out.setdefault(label, {}):
+                out[label][str(seed)] = retrain(setup.task, schedule, seed)
+                path.write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -213,6 +252,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the digits IDX root (default: OUT/digits28)")
     parser.add_argument("--history", type=Path, help="print one run's meta-loss history")
     parser.add_argument("--summary", action="store_true", help="only rewrite the summary")
+    parser.add_argument(
+        "--more-seeds", nargs="*", type=int, help="retrain finished runs with these final seeds"
+    )
     parser.add_argument("extra", nargs="*", help="overrides added to every run")
     args = parser.parse_args()
     if args.history:
@@ -224,6 +266,15 @@ def main() -> None:
         from tests.vision_files import write_digits_as_mnist
 
         print("digits as MNIST IDX files:", write_digits_as_mnist(data), flush=True)
+    if args.more_seeds:
+        for exp in args.only:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    run_dir = args.out / exp / variant / f"s{seed}"
+                    if exp in VARIANTS[variant] and (run_dir / "results.json").is_file():
+                        more_seeds(run_dir, args.more_seeds)
+                        print("more final seeds:", run_dir, flush=True)
+        return
     if not args.summary:
         # seed by seed, so that a cut-short study has every experiment at its first seeds
         for seed in args.seeds:

@@ -236,3 +236,50 @@ def test_a_window_for_an_estimator_without_one_names_those_with_one(name: str) -
         r"is taken by forward, exact_reverse, checkpointed_reverse, reversible and auto; ",
     ):
         metahpo.compose([f"estimator={name}", "+estimator.window=5"])
+
+
+@pytest.mark.parametrize("window", [None, 3, 7])
+def test_a_plain_run_scores_the_windowed_objective(window: int | None) -> None:
+    """The outer loop scores its last iterate with a plain run (``metahpo.runner.meta_loss``):
+    with ``estimator.window`` that score is the estimators' objective (the sum of the window
+    ends' validation losses), not the final loss alone, so the last iterate competes with the
+    estimates on the same scale."""
+    from metahpo.runner import meta_loss
+
+    task = quadratic(n_train=32, batch_size=8)
+    specs = {n: HyperSpec(2, b) for n, b in [("lr", (0.0, 1.0)), ("momentum", (0.0, 0.99))]}
+    values = {"lr": torch.tensor([0.1, 0.05]), "momentum": torch.tensor([0.5, 0.3])}
+    schedule = HyperSchedule(7, specs, values)
+    want = ExactReverse(window=window).hypergradient(task, schedule)
+    got = meta_loss(task, schedule, window=window)
+    assert got["meta_loss"] == pytest.approx(want.meta_loss, rel=1e-10)
+    if window is not None:
+        assert got["final_val_loss"] == pytest.approx(want.metrics["final_val_loss"], rel=1e-10)
+    if window == 3:  # three terms: well above the final loss alone
+        assert got["meta_loss"] > 1.5 * meta_loss(task, schedule)["meta_loss"]
+
+
+def test_the_last_iterate_is_scored_with_the_windowed_objective(tmp_path: Path) -> None:
+    """A whole run with ``estimator.window``: the last iterate's score is the same objective as
+    the estimates' (it was the final loss alone, which always won the selection)."""
+    from metahpo.runner import meta_loss
+
+    cfg = metahpo.compose(
+        [
+            *QUICK,
+            "estimator=exact_reverse",
+            "estimator.window=5",
+            "outer.steps=3",
+            "final.seeds=[0]",
+        ]
+    )
+    out = metahpo.run(cfg, tmp_path)
+    last = out["history"][-1]
+    assert last["hypergradient"] is None
+    setup = metahpo.build.build(cfg)
+    schedule = setup.schedule.replace(
+        {n: torch.tensor(v, dtype=torch.float64) for n, v in last["schedule"].items()}
+    )
+    want = ExactReverse(window=5).hypergradient(setup.task, schedule).meta_loss
+    assert last["meta_loss"] == pytest.approx(want, rel=1e-6)
+    assert last["meta_loss"] > 1.5 * meta_loss(setup.task, schedule)["meta_loss"]
