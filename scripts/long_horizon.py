@@ -42,6 +42,9 @@ METHODS: dict[str, list[str]] = {
     "random": ["search=random", f"search.budget={BUDGET}"],
     # the outer loop before issue 13 (the paper's sign steps, only diverged steps rejected)
     "fds_old": [*FDS, "outer=sign", "outer.accept=finite", "outer.budget=null"],
+    # issue 13: the default loop with every estimate and the selection averaged over two inner
+    # seeds (batch orders), within the same budget of 32 inner runs (2x the old loop's 16)
+    "fds_2seeds": [*FDS, "outer.seeds=2"],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -51,6 +54,7 @@ LABELS = {
     "hyperband": "Hyperband-TPE",
     "random": "random search",
     "fds_old": "FDS, old outer loop (sign, accept finite)",
+    "fds_2seeds": "FDS, rprop, 2 seeds per estimate",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 
