@@ -45,6 +45,13 @@ METHODS: dict[str, list[str]] = {
     # issue 13: the default loop with every estimate and the selection averaged over two inner
     # seeds (batch orders), within the same budget of 32 inner runs (2x the old loop's 16)
     "fds_2seeds": [*FDS, "outer.seeds=2"],
+    # ... or averaged momentum (optimizer.average=true): lr is the effective step, so its bounds
+    # [0, 1] cap the effective step at the baseline's (stated in that form: the same schedule)
+    "fds_avg": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+    ],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -55,6 +62,7 @@ LABELS = {
     "random": "random search",
     "fds_old": "FDS, old outer loop (sign, accept finite)",
     "fds_2seeds": "FDS, rprop, 2 seeds per estimate",
+    "fds_avg": "FDS, rprop, averaged momentum",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 

@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from metahpo.build import build
+    from metahpo.build import baseline_from_config, build, optimizer_from_config
     from metahpo.evaluation import retrain
-    from metahpo.results import baseline_schedule, learned_schedule, load
+    from metahpo.results import load
+    from metahpo.schedule import HyperSchedule
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -39,11 +40,16 @@ def main() -> None:
         results = load(run / "results.json")
         cfg = OmegaConf.load(run / "config.yaml")
         task = build(cfg).task
+        inner = optimizer_from_config(cfg.optimizer)
+        learned = HyperSchedule.from_dict(results["horizon"], results["learned_schedule"], inner)
+        baseline = baseline_from_config(
+            cfg.baseline, cfg.horizon, inner, cfg.optimizer.get("baseline")
+        )
         for seed in args.seeds:
-            row = {"learned": retrain(task, learned_schedule(results), seed)}
+            row = {"learned": retrain(task, learned, seed)}
             if not args.no_baseline:
                 if seed not in baseline_done:  # the baseline does not depend on the run
-                    baseline_done[seed] = retrain(task, baseline_schedule(results), seed)
+                    baseline_done[seed] = retrain(task, baseline, seed)
                 row["baseline"] = baseline_done[seed]
             for label, r in row.items():
                 if r.get("diverged"):
