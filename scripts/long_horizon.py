@@ -52,6 +52,13 @@ METHODS: dict[str, list[str]] = {
         "optimizer.average=true",
         "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
     ],
+    # ... with up to 31 outer steps: the whole budget of 32 inner runs (2x the old loop's 16)
+    "fds_avg31": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+        "outer.steps=31",
+    ],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -63,6 +70,7 @@ LABELS = {
     "fds_old": "FDS, old outer loop (sign, accept finite)",
     "fds_2seeds": "FDS, rprop, 2 seeds per estimate",
     "fds_avg": "FDS, rprop, averaged momentum",
+    "fds_avg31": "FDS, rprop, averaged momentum, 31 steps",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 
