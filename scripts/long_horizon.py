@@ -59,6 +59,13 @@ METHODS: dict[str, list[str]] = {
         "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
         "outer.steps=31",
     ],
+    # ... or with two seeds per estimate (15 steps x 2 + the last score = 32 inner runs)
+    "fds_avg2s": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+        "outer.seeds=2",
+    ],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -71,6 +78,7 @@ LABELS = {
     "fds_2seeds": "FDS, rprop, 2 seeds per estimate",
     "fds_avg": "FDS, rprop, averaged momentum",
     "fds_avg31": "FDS, rprop, averaged momentum, 31 steps",
+    "fds_avg2s": "FDS, rprop, averaged momentum, 2 seeds per estimate",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 
