@@ -42,6 +42,30 @@ METHODS: dict[str, list[str]] = {
     "random": ["search=random", f"search.budget={BUDGET}"],
     # the outer loop before issue 13 (the paper's sign steps, only diverged steps rejected)
     "fds_old": [*FDS, "outer=sign", "outer.accept=finite", "outer.budget=null"],
+    # issue 13: the default loop with every estimate and the selection averaged over two inner
+    # seeds (batch orders), within the same budget of 32 inner runs (2x the old loop's 16)
+    "fds_2seeds": [*FDS, "outer.seeds=2"],
+    # ... or averaged momentum (optimizer.average=true): lr is the effective step, so its bounds
+    # [0, 1] cap the effective step at the baseline's (stated in that form: the same schedule)
+    "fds_avg": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+    ],
+    # ... with up to 31 outer steps: the whole budget of 32 inner runs (2x the old loop's 16)
+    "fds_avg31": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+        "outer.steps=31",
+    ],
+    # ... or with two seeds per estimate (15 steps x 2 + the last score = 32 inner runs)
+    "fds_avg2s": [
+        *FDS,
+        "optimizer.average=true",
+        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+        "outer.seeds=2",
+    ],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -51,6 +75,10 @@ LABELS = {
     "hyperband": "Hyperband-TPE",
     "random": "random search",
     "fds_old": "FDS, old outer loop (sign, accept finite)",
+    "fds_2seeds": "FDS, rprop, 2 seeds per estimate",
+    "fds_avg": "FDS, rprop, averaged momentum",
+    "fds_avg31": "FDS, rprop, averaged momentum, 31 steps",
+    "fds_avg2s": "FDS, rprop, averaged momentum, 2 seeds per estimate",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 

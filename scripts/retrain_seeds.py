@@ -1,0 +1,71 @@
+"""Retrain the learned and the baseline schedule of finished runs on more final seeds.
+
+    .venv/bin/python scripts/retrain_seeds.py RUN_DIR [RUN_DIR ...] --seeds 3 4 5 6 7 8 9
+
+Each RUN_DIR holds a ``results.json`` and the ``config.yaml`` it was run with (the task is
+rebuilt from it). Prints per run and seed test accuracy / test loss / validation loss of the
+learned and the baseline schedule, and the mean ± sd over every (run, seed) pair. Extra evidence
+beside a run's own ``final`` block; one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from metahpo.build import baseline_from_config, build, optimizer_from_config
+    from metahpo.evaluation import retrain
+    from metahpo.results import load
+    from metahpo.schedule import HyperSchedule
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(3, 10)))
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    acc: dict[str, list[float]] = {"learned": [], "baseline": []}
+    baseline_done: dict[int, dict] = {}
+    for run in args.runs:
+        results = load(run / "results.json")
+        cfg = OmegaConf.load(run / "config.yaml")
+        task = build(cfg).task
+        inner = optimizer_from_config(cfg.optimizer)
+        learned = HyperSchedule.from_dict(results["horizon"], results["learned_schedule"], inner)
+        baseline = baseline_from_config(
+            cfg.baseline, cfg.horizon, inner, cfg.optimizer.get("baseline")
+        )
+        for seed in args.seeds:
+            row = {"learned": retrain(task, learned, seed)}
+            if not args.no_baseline:
+                if seed not in baseline_done:  # the baseline does not depend on the run
+                    baseline_done[seed] = retrain(task, baseline, seed)
+                row["baseline"] = baseline_done[seed]
+            for label, r in row.items():
+                if r.get("diverged"):
+                    print(f"{run} seed {seed} {label}: diverged", flush=True)
+                    continue
+                acc[label].append(100 * r["test_accuracy"])
+                print(
+                    f"{run} seed {seed} {label}: test acc {100 * r['test_accuracy']:.2f} "
+                    f"test loss {r['test_loss']:.4g} val loss {r['val_loss']:.4g}",
+                    flush=True,
+                )
+    for label, values in acc.items():
+        if values:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            print(f"{label}: {statistics.fmean(values):.2f} ± {sd:.2f} ({len(values)} retrainings)")
+
+
+if __name__ == "__main__":
+    main()
