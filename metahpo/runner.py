@@ -539,10 +539,10 @@ class _OuterLoop:
             start = time.perf_counter()
             try:
                 per_seed = []
+                # the estimator's own objective (its window's sum, if it has one)
+                window = getattr(self.setup.estimator, "window", None)
                 for task in self.tasks:
                     self.inner_runs += 1
-                    # the estimator's own objective (its window's sum, if it has one)
-                    window = getattr(self.setup.estimator, "window", None)
                     per_seed.append(meta_loss(task, self.schedule, window=window))
                 scores: dict[str, Any] = {
                     "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),

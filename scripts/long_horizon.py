@@ -31,6 +31,11 @@ HORIZON = 2000
 #: Exact reverse mode: the same hypergradient as forward mode (both exact), 4 gradient
 #: evaluations per step instead of forward mode's 1 + 2 c_t (up to 61 with 30 columns).
 FDS = ["estimator=exact_reverse"]
+# averaged momentum (optimizer.average=true) and the baseline stated in that form
+AVG = [
+    "optimizer.average=true",
+    "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
+]
 #: The budget of every method: outer.budget=32 inner runs of exact reverse (the default outer
 #: loop's cap), 31 estimates x 4 x 2000 + one plain run of 2000 = 250,000 inner-step equivalents.
 BUDGET = 31 * 4 * HORIZON + HORIZON
@@ -47,25 +52,11 @@ METHODS: dict[str, list[str]] = {
     "fds_2seeds": [*FDS, "outer.seeds=2"],
     # ... or averaged momentum (optimizer.average=true): lr is the effective step, so its bounds
     # [0, 1] cap the effective step at the baseline's (stated in that form: the same schedule)
-    "fds_avg": [
-        *FDS,
-        "optimizer.average=true",
-        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
-    ],
+    "fds_avg": [*FDS, *AVG],
     # ... with up to 31 outer steps: the whole budget of 32 inner runs (2x the old loop's 16)
-    "fds_avg31": [
-        *FDS,
-        "optimizer.average=true",
-        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
-        "outer.steps=31",
-    ],
+    "fds_avg31": [*FDS, *AVG, "outer.steps=31"],
     # ... or with two seeds per estimate (15 steps x 2 + the last score = 32 inner runs)
-    "fds_avg2s": [
-        *FDS,
-        "optimizer.average=true",
-        "optimizer.baseline={lr: 1.0, momentum: 0.9, weight_decay: 5.0e-4}",
-        "outer.seeds=2",
-    ],
+    "fds_avg2s": [*FDS, *AVG, "outer.seeds=2"],
 }
 SEEDS = (0, 1, 2)
 LABELS = {

@@ -220,26 +220,21 @@ def history(run_dir: Path) -> str:
 
 def more_seeds(run_dir: Path, seeds: list[int]) -> None:
     """Retrain a finished run's learned schedule and its baseline with more final seeds, into
-    ``more_seeds.json`` beside its results (``metahpo.evaluation.retrain``, one torch thread)."""
+    ``more_seeds.json`` beside its results (``scripts/retrain_seeds.py`` prints them instead;
+    one torch thread)."""
     import torch
-    from omegaconf import OmegaConf
 
-    from metahpo.build import build, optimizer_from_config
     from metahpo.evaluation import retrain
-    from metahpo.schedule import HyperSchedule
+    from scripts.retrain_seeds import run_schedules
 
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    setup = build(cfg)
-    r = json.loads((run_dir / "results.json").read_text())
-    inner = optimizer_from_config(cfg.optimizer)
-    learned = HyperSchedule.from_dict(cfg.horizon, r["learned_schedule"], inner)
+    task, learned, baseline = run_schedules(run_dir)
     path = run_dir / "more_seeds.json"
     out = json.loads(path.read_text()) if path.is_file() else {}
-    for label, schedule in (("learned", learned), ("baseline", setup.baseline)):
+    for label, schedule in (("learned", learned), ("baseline", baseline)):
         for seed in seeds:
             if str(seed) not in out.setdefault(label, {}):
-                out[label][str(seed)] = retrain(setup.task, schedule, seed)
+                out[label][str(seed)] = retrain(task, schedule, seed)
                 path.write_text(json.dumps(out, indent=1))
 
 

@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
@@ -21,12 +22,28 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if TYPE_CHECKING:
+    from metahpo.core import Task
+    from metahpo.schedule import HyperSchedule
 
-def main() -> None:
-    from metahpo.build import baseline_from_config, build, optimizer_from_config
-    from metahpo.evaluation import retrain
+
+def run_schedules(run: Path) -> tuple[Task, HyperSchedule, HyperSchedule]:
+    """(task, learned schedule, baseline schedule) of a finished run, rebuilt from its
+    ``config.yaml`` and ``results.json`` (the learned one with the run's inner optimiser)."""
+    from metahpo.build import build, optimizer_from_config
     from metahpo.results import load
     from metahpo.schedule import HyperSchedule
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    setup = build(cfg)
+    results = load(run / "results.json")
+    inner = optimizer_from_config(cfg.optimizer)
+    learned = HyperSchedule.from_dict(results["horizon"], results["learned_schedule"], inner)
+    return setup.task, learned, setup.baseline
+
+
+def main() -> None:
+    from metahpo.evaluation import retrain
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -37,14 +54,7 @@ def main() -> None:
     acc: dict[str, list[float]] = {"learned": [], "baseline": []}
     baseline_done: dict[int, dict] = {}
     for run in args.runs:
-        results = load(run / "results.json")
-        cfg = OmegaConf.load(run / "config.yaml")
-        task = build(cfg).task
-        inner = optimizer_from_config(cfg.optimizer)
-        learned = HyperSchedule.from_dict(results["horizon"], results["learned_schedule"], inner)
-        baseline = baseline_from_config(
-            cfg.baseline, cfg.horizon, inner, cfg.optimizer.get("baseline")
-        )
+        task, learned, baseline = run_schedules(run)
         for seed in args.seeds:
             row = {"learned": retrain(task, learned, seed)}
             if not args.no_baseline:
