@@ -57,6 +57,10 @@ METHODS: dict[str, list[str]] = {
     "fds_avg31": [*FDS, *AVG, "outer.steps=31"],
     # ... or with two seeds per estimate (15 steps x 2 + the last score = 32 inner runs)
     "fds_avg2s": [*FDS, *AVG, "outer.seeds=2"],
+    # ... with the lr as 10 piecewise-linear knots (the last at step T - 1: it can anneal to 0);
+    # momentum and weight decay stay 10 constant segments
+    "fds_avglin": [*FDS, *AVG, "schedule.lr.param=linear"],
+    "fds_avglin2s": [*FDS, *AVG, "schedule.lr.param=linear", "outer.seeds=2"],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -70,6 +74,8 @@ LABELS = {
     "fds_avg": "FDS, rprop, averaged momentum",
     "fds_avg31": "FDS, rprop, averaged momentum, 31 steps",
     "fds_avg2s": "FDS, rprop, averaged momentum, 2 seeds per estimate",
+    "fds_avglin": "FDS, rprop, averaged momentum, lr as linear knots",
+    "fds_avglin2s": "FDS, rprop, averaged momentum, lr as linear knots, 2 seeds per estimate",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 
