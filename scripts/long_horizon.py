@@ -61,6 +61,9 @@ METHODS: dict[str, list[str]] = {
     # momentum and weight decay stay 10 constant segments
     "fds_avglin": [*FDS, *AVG, "schedule.lr.param=linear"],
     "fds_avglin2s": [*FDS, *AVG, "schedule.lr.param=linear", "outer.seeds=2"],
+    # ... or as the warm-up + cosine family (peak, warm-up, final fraction; from 0, 0.1, 0)
+    "fds_avgcos": [*FDS, *AVG, "schedule.lr.param=warmup_cosine"],
+    "fds_avgcos2s": [*FDS, *AVG, "schedule.lr.param=warmup_cosine", "outer.seeds=2"],
 }
 SEEDS = (0, 1, 2)
 LABELS = {
@@ -76,6 +79,8 @@ LABELS = {
     "fds_avg2s": "FDS, rprop, averaged momentum, 2 seeds per estimate",
     "fds_avglin": "FDS, rprop, averaged momentum, lr as linear knots",
     "fds_avglin2s": "FDS, rprop, averaged momentum, lr as linear knots, 2 seeds per estimate",
+    "fds_avgcos": "FDS, rprop, averaged momentum, lr as warm-up + cosine",
+    "fds_avgcos2s": "FDS, rprop, averaged momentum, lr as warm-up + cosine, 2 seeds per estimate",
 }
 BLACK_BOX = ("tpe", "hyperband", "random")
 
