@@ -60,6 +60,7 @@ METHODS: dict[str, list[str]] = {
     # ... with the lr as 10 piecewise-linear knots (the last at step T - 1: it can anneal to 0);
     # momentum and weight decay stay 10 constant segments
     "fds_avglin": [*FDS, *AVG, "schedule.lr.param=linear"],
+    "fds_avglin31": [*FDS, *AVG, "schedule.lr.param=linear", "outer.steps=31"],
     "fds_avglin2s": [*FDS, *AVG, "schedule.lr.param=linear", "outer.seeds=2"],
     # ... or as the warm-up + cosine family (peak, warm-up, final fraction; from 0, 0.1, 0)
     "fds_avgcos": [*FDS, *AVG, "schedule.lr.param=warmup_cosine"],
@@ -78,6 +79,7 @@ LABELS = {
     "fds_avg31": "FDS, rprop, averaged momentum, 31 steps",
     "fds_avg2s": "FDS, rprop, averaged momentum, 2 seeds per estimate",
     "fds_avglin": "FDS, rprop, averaged momentum, lr as linear knots",
+    "fds_avglin31": "FDS, rprop, averaged momentum, lr as linear knots, 31 steps",
     "fds_avglin2s": "FDS, rprop, averaged momentum, lr as linear knots, 2 seeds per estimate",
     "fds_avgcos": "FDS, rprop, averaged momentum, lr as warm-up + cosine",
     "fds_avgcos2s": "FDS, rprop, averaged momentum, lr as warm-up + cosine, 2 seeds per estimate",
