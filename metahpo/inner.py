@@ -350,10 +350,12 @@ def fit(
     *,
     step_fn: StepFn | None = None,
     on_step: StepHook | None = None,
+    flat: FlatTask | None = None,
 ) -> tuple[FlatTask, InnerState]:
     """Train from the task's initial parameters over the whole horizon with ``schedule``
-    (``step_fn`` and ``on_step`` as for :func:`train`)."""
-    flat = FlatTask(task)
+    (``step_fn`` and ``on_step`` as for :func:`train`; ``flat``: the task's flat view, when
+    the caller already built it)."""
+    flat = FlatTask(task) if flat is None else flat
     steps = Steps(flat, schedule)
     with torch.no_grad():
         state = train(

@@ -156,7 +156,12 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def learned_schedule(results: dict[str, Any]) -> HyperSchedule:
-    """The learned schedule, rebuilt from ``learned_schedule`` and ``horizon``."""
+    """The learned schedule's values, rebuilt from ``learned_schedule`` and ``horizon``.
+
+    ``results.json`` names the inner optimiser but not its settings (``optimizer.average``
+    changes what ``lr`` means), so this schedule has none: enough to plot or tabulate; to
+    retrain it, rebuild the optimiser from the run's ``config.yaml``
+    (``scripts/retrain_seeds.run_schedules``)."""
     return HyperSchedule.from_dict(results["horizon"], results["learned_schedule"])
 
 

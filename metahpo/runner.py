@@ -81,10 +81,10 @@ def meta_loss(
         if on_step is not None:
             on_step(t, before, after, batch)
         if t + 1 in ends:
-            earlier.append(probe.evaluate(after, "val")["loss"])
+            earlier.append(flat.evaluate(after, "val")["loss"])
 
-    probe = FlatTask(task)  # evaluates the window ends' states
-    flat, state = fit(task, schedule, on_step=hook if ends else on_step)
+    flat = FlatTask(task)  # one view trains and evaluates the window ends' states
+    _, state = fit(task, schedule, on_step=hook if ends else on_step, flat=flat)
     out = flat.evaluate(state, "val")
     total = out["loss"] + sum(earlier)
     if not math.isfinite(total):
