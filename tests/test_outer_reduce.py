@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import metahpo
+import metahpo.runner
 from metahpo.core import ConfigError, Hypergradient, Task
 from metahpo.schedule import HyperSchedule
 
@@ -101,3 +102,19 @@ def test_resume_with_reduce_max(tmp_path: Path) -> None:
     assert out["outer_loop"]["inner_runs"] == straight["outer_loop"]["inner_runs"]
     with pytest.raises(ConfigError, match="outer.reduce='max', this config has outer.reduce="):
         metahpo.run(metahpo.compose([*QUICK, "outer.seeds=2", "outer.steps=3"]), tmp_path / "run")
+
+
+def test_greedy_with_max_still_averages_the_moved_schedules() -> None:
+    args = [*QUICK, "estimator=greedy", "outer.steps=1", "outer.seeds=2", "outer.reduce=max"]
+    args += ["estimator.update=gradient"]
+    out = metahpo.run(metahpo.compose(args))
+    setup = metahpo.runner.build(metahpo.compose(args))
+    answers = [
+        setup.estimator.hypergradient(task, setup.schedule)
+        for task in (setup.task, setup.task.with_seed(1000))
+    ]
+    first = out["history"][0]
+    assert answers[0].meta_loss != answers[1].meta_loss
+    assert first["online"] and first["meta_loss"] == max(a.meta_loss for a in answers)
+    mean = (answers[0].schedule.values["lr"] + answers[1].schedule.values["lr"]) / 2
+    assert first["schedule_after"]["lr"] == mean.tolist()
