@@ -98,6 +98,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # selection use the highest seed's meta-loss (and that seed's hypergradient), so a schedule
     # that fails on one seed in three scores as that failure
     "rev-3seeds-max": {"mnist28": ["estimator=exact_reverse", "outer.seeds=3", "outer.reduce=max"]},
+    "log-lr-3seeds": {"mnist28": [*LOG_LR, "estimator=exact_reverse", "outer.seeds=3"]},
     "log-lr-max": {
         "mnist28": [*LOG_LR, "estimator=exact_reverse", "outer.seeds=3", "outer.reduce=max"]
     },
