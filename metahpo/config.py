@@ -224,6 +224,10 @@ class _Outer(Node):
         ),
     ]
     seeds: Annotated[PositiveInt, Field(description="inner seeds averaged per outer step")]
+    reduce: Annotated[
+        Literal["mean", "max"],
+        Field(description="how estimates and scores combine the seeds; max: the worst seed's"),
+    ] = "mean"
     budget: Annotated[PositiveInt | None, Field(description="inner runs; null: no cap")]
 
 

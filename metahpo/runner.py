@@ -255,6 +255,7 @@ class _OuterLoop:
         self.learned: HyperSchedule | None = self.schedule
         self.selected = 0
         n_seeds = int(cfg.outer.seeds)
+        self.reduce = str(cfg.outer.get("reduce", "mean"))  # a user's outer file may omit it
         self.seeds = [int(cfg.seed) + SEED_STRIDE * i for i in range(n_seeds)]
         self.tasks = [setup.task] + [setup.task.with_seed(s) for s in self.seeds[1:]]
         own = out_dir / "checkpoint.pt" if out_dir is not None else None
@@ -393,12 +394,15 @@ class _OuterLoop:
         return budget is None or self.inner_runs + runs <= int(budget)
 
     def _hypergradient(self) -> Hypergradient:
-        """The estimator's answer at the current schedule, averaged over ``outer.seeds``.
+        """The estimator's answer at the current schedule, reduced over ``outer.seeds``.
 
-        Meta-losses, hypergradients and metrics are means over the seeds; an online estimator's
-        moved schedules are averaged value by value. Every seed's run is counted, diverged too.
-        Each answer is checked (metahpo/plugins.py), and its ``seconds`` and ``peak_memory`` are
-        the runner's own measurement of the call, the same for every estimator.
+        ``outer.reduce=mean``: meta-losses, hypergradients and metrics are means over the seeds;
+        ``max``: the answer (meta-loss, hypergradient, metrics) of the seed with the highest
+        meta-loss, so the loop descends the worst seed's validation loss. An online estimator's
+        moved schedules are averaged value by value either way. Every seed's run is counted,
+        diverged too. Each answer is checked (metahpo/plugins.py), and its ``seconds`` and
+        ``peak_memory`` are the runner's own measurement of the call, the same for every
+        estimator.
         """
         estimator, answers = self.setup.estimator, []
         for task in self.tasks:
@@ -412,17 +416,28 @@ class _OuterLoop:
         if len(answers) == 1:
             return answers[0]
         n = len(answers)
+        moved = None
+        if answers[0].schedule is not None:  # online: the moved schedules are always averaged
+            moved = answers[0].schedule.replace(
+                {m: sum(a.schedule.values[m] for a in answers) / n for m in self.schedule.learned}
+            )
+        if self.reduce == "max":  # the worst seed's answer: the subgradient of the max
+            worst = max(answers, key=lambda a: a.meta_loss)  # the first of equal ones
+            return Hypergradient(
+                meta_loss=worst.meta_loss,
+                grads=dict(worst.grads),
+                seconds=sum(a.seconds for a in answers),
+                peak_memory=max(a.peak_memory for a in answers),
+                inner_steps=sum(a.inner_steps for a in answers),
+                metrics={**worst.metrics, "seed_meta_losses": [a.meta_loss for a in answers]},
+                schedule=moved,
+            )
         metrics = {
             k: statistics.fmean(a.metrics[k] for a in answers)
             for k, v in answers[0].metrics.items()
             if isinstance(v, int | float) and all(a.metrics.get(k) is not None for a in answers)
         }
         metrics["seed_meta_losses"] = [a.meta_loss for a in answers]
-        moved = None
-        if answers[0].schedule is not None:
-            moved = answers[0].schedule.replace(
-                {m: sum(a.schedule.values[m] for a in answers) / n for m in self.schedule.learned}
-            )
         return Hypergradient(
             meta_loss=statistics.fmean(a.meta_loss for a in answers),
             grads={m: sum(a.grads[m] for a in answers) / n for m in answers[0].grads},
@@ -548,6 +563,12 @@ class _OuterLoop:
                     "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),
                     "val_accuracy": _mean_or_none([s["val_accuracy"] for s in per_seed]),
                 }
+                if self.reduce == "max":  # the worst seed's scores, as in its estimates
+                    worst = max(per_seed, key=lambda s: s["meta_loss"])
+                    scores = {
+                        "meta_loss": worst["meta_loss"],
+                        "val_accuracy": worst["val_accuracy"],
+                    }
                 if len(per_seed) > 1:
                     scores["seed_meta_losses"] = [s["meta_loss"] for s in per_seed]
             except DivergenceError:  # reported, never selected
@@ -583,6 +604,10 @@ class _OuterLoop:
         self.learned = self.setup.schedule.replace(
             {n: torch.tensor(v, dtype=torch.float64) for n, v in best["schedule"].items()}
         )
+
+
+#: How results.json's ``outer_loop.selection`` names each ``outer.reduce``.
+_REDUCED = {"mean": "mean over", "max": "max (worst seed) over"}
 
 
 def _mean_or_none(values: list[Any]) -> float | None:
@@ -712,8 +737,9 @@ def _results(
             "accept": str(cfg.outer.accept),
             "tolerance": float(cfg.outer.tolerance),
             "seeds": loop.seeds,
-            "selection": f"{cfg.outer.select}: lowest meta-loss, mean over {len(loop.seeds)} "
-            "inner seed(s)"
+            "reduce": loop.reduce,
+            "selection": f"{cfg.outer.select}: lowest meta-loss, {_REDUCED[loop.reduce]} "
+            f"{len(loop.seeds)} inner seed(s)"
             if cfg.outer.select == "best"
             else "last: the last iterate",
             "budget": cfg.outer.budget,

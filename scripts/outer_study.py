@@ -94,6 +94,14 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     # ... or the shipped loop with three seeds per estimate and selection (the same budget of 22
     # inner runs, so about seven estimates): a fragile schedule fails more often on three seeds
     "rev-3seeds": {"mnist28": ["estimator=exact_reverse", "outer.seeds=3"]},
+    # ... or the worst of three seeds (outer.reduce=max): every estimate, score and the
+    # selection use the highest seed's meta-loss (and that seed's hypergradient), so a schedule
+    # that fails on one seed in three scores as that failure
+    "rev-3seeds-max": {"mnist28": ["estimator=exact_reverse", "outer.seeds=3", "outer.reduce=max"]},
+    "log-lr-3seeds": {"mnist28": [*LOG_LR, "estimator=exact_reverse", "outer.seeds=3"]},
+    "log-lr-max": {
+        "mnist28": [*LOG_LR, "estimator=exact_reverse", "outer.seeds=3", "outer.reduce=max"]
+    },
     "sign+accept": {"digits": ["outer=sign", "outer.accept=meta_loss"]},
     "rprop-finite": {"digits": ["outer=rprop", "outer.accept=finite"]},
     "rprop+2seeds": {"digits": ["outer=rprop", "outer.seeds=2", "outer.budget=32"]},

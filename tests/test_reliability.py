@@ -84,7 +84,8 @@ def test_cli_rejects_a_missing_key_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "metahpo: error: outer.nope is not a key of this config; keys under outer: accept, "
-        "budget, clip, max_failures, optimizer, seeds, select, steps, stop_fraction, tolerance"
+        "budget, clip, max_failures, optimizer, reduce, seeds, select, steps, stop_fraction, "
+        "tolerance"
     )
     assert not (tmp_path / "run").exists()
 
