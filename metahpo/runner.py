@@ -421,26 +421,22 @@ class _OuterLoop:
             moved = answers[0].schedule.replace(
                 {m: sum(a.schedule.values[m] for a in answers) / n for m in self.schedule.learned}
             )
+        seed_losses = [a.meta_loss for a in answers]
         if self.reduce == "max":  # the worst seed's answer: the subgradient of the max
             worst = max(answers, key=lambda a: a.meta_loss)  # the first of equal ones
-            return Hypergradient(
-                meta_loss=worst.meta_loss,
-                grads=dict(worst.grads),
-                seconds=sum(a.seconds for a in answers),
-                peak_memory=max(a.peak_memory for a in answers),
-                inner_steps=sum(a.inner_steps for a in answers),
-                metrics={**worst.metrics, "seed_meta_losses": [a.meta_loss for a in answers]},
-                schedule=moved,
-            )
-        metrics = {
-            k: statistics.fmean(a.metrics[k] for a in answers)
-            for k, v in answers[0].metrics.items()
-            if isinstance(v, int | float) and all(a.metrics.get(k) is not None for a in answers)
-        }
-        metrics["seed_meta_losses"] = [a.meta_loss for a in answers]
+            loss, grads, metrics = worst.meta_loss, dict(worst.grads), dict(worst.metrics)
+        else:
+            loss = statistics.fmean(seed_losses)
+            grads = {m: sum(a.grads[m] for a in answers) / n for m in answers[0].grads}
+            metrics = {
+                k: statistics.fmean(a.metrics[k] for a in answers)
+                for k, v in answers[0].metrics.items()
+                if isinstance(v, int | float) and all(a.metrics.get(k) is not None for a in answers)
+            }
+        metrics["seed_meta_losses"] = seed_losses
         return Hypergradient(
-            meta_loss=statistics.fmean(a.meta_loss for a in answers),
-            grads={m: sum(a.grads[m] for a in answers) / n for m in answers[0].grads},
+            meta_loss=loss,
+            grads=grads,
             seconds=sum(a.seconds for a in answers),
             peak_memory=max(a.peak_memory for a in answers),
             inner_steps=sum(a.inner_steps for a in answers),
@@ -559,15 +555,17 @@ class _OuterLoop:
                 for task in self.tasks:
                     self.inner_runs += 1
                     per_seed.append(meta_loss(task, self.schedule, window=window))
-                scores: dict[str, Any] = {
-                    "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),
-                    "val_accuracy": _mean_or_none([s["val_accuracy"] for s in per_seed]),
-                }
+                scores: dict[str, Any]
                 if self.reduce == "max":  # the worst seed's scores, as in its estimates
                     worst = max(per_seed, key=lambda s: s["meta_loss"])
                     scores = {
                         "meta_loss": worst["meta_loss"],
                         "val_accuracy": worst["val_accuracy"],
+                    }
+                else:
+                    scores = {
+                        "meta_loss": statistics.fmean(s["meta_loss"] for s in per_seed),
+                        "val_accuracy": _mean_or_none([s["val_accuracy"] for s in per_seed]),
                     }
                 if len(per_seed) > 1:
                     scores["seed_meta_losses"] = [s["meta_loss"] for s in per_seed]
